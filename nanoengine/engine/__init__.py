@@ -1,0 +1,1 @@
+"""The lifetime of a request: tokenize, run the decode loop, detokenize, stop."""

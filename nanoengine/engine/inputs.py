@@ -1,0 +1,67 @@
+"""Prompts as users give them (vLLM's forms), checked and turned into token ids before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from nanoengine.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(slots=True)
+class Prompt:
+    """A prompt's text (None when given as ids) and its token ids."""
+
+    text: str | None
+    token_ids: list[int]
+
+
+def _as_list(prompts: object) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a dict with prompt_token_ids, or a list of those; got {type(prompts).__name__}")
+
+
+def parse_prompts(
+    prompts: object, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_model_len: int
+) -> list[Prompt]:
+    """Tokenize and check every prompt: non-empty, ids in the vocabulary, shorter than the context."""
+    parsed = []
+    for i, item in enumerate(_as_list(prompts)):
+        if isinstance(item, str):
+            prompt = Prompt(item, tokenizer(item)["input_ids"])
+        elif isinstance(item, dict) and "prompt_token_ids" in item:
+            ids = item["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError(f"prompt {i}: prompt_token_ids must be a list of integers")
+            prompt = Prompt(item.get("prompt"), list(ids))
+        else:
+            raise ValueError(f"prompt {i} must be a string or a dict with 'prompt_token_ids'; got {item!r:.80}")
+        if not prompt.token_ids:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in prompt.token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        if len(prompt.token_ids) >= max_model_len:
+            raise ValueError(
+                f"prompt {i} is {len(prompt.token_ids)} tokens; max_model_len is {max_model_len}, "
+                "which must leave room for at least one generated token"
+            )
+        parsed.append(prompt)
+    return parsed
+
+
+def params_per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: a single one is shared; a list must match the prompts."""
+    if sampling_params is None:
+        return [SamplingParams()] * count
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * count
+    params = list(sampling_params)
+    if len(params) != count or not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError(f"sampling_params must be one SamplingParams or a list of {count} of them (one per prompt)")
+    return params

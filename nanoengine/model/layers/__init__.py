@@ -1,0 +1,1 @@
+"""Building blocks of a decoder: linear layers, norms, rotary embedding, vocabulary layers."""

@@ -1,0 +1,206 @@
+"""The Llama family (Llama 2/3, Mistral, SmolLM): a pre-norm decoder with GQA, RoPE and SwiGLU.
+
+The model computes over a *flat* batch: ``input_ids`` and ``positions`` are ``[T]`` and may
+hold tokens of several requests, because where each token's K/V live and which keys it may
+see is the business of the :class:`~nanoengine.attention.AttentionContext` passed in. So the
+same model serves the naive loop, the contiguous cache and the paged engine.
+
+Architectural variants are class constants of the causal LM (``qkv_bias``, ``qk_norm``),
+so Qwen2 and Qwen3 are subclasses of a few lines in ``qwen.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from nanoengine.attention.base import AttentionContext
+from nanoengine.model.layers.embedding import LMHead, VocabEmbedding
+from nanoengine.model.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
+from nanoengine.model.layers.norm import RMSNorm
+from nanoengine.model.layers.rotary import RotaryEmbedding
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    """Per-head size: explicit in newer configs (Qwen3), else hidden_size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    """Fused q/k/v projection, optional per-head q/k RMSNorm, RoPE, attention, output projection."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        layer_idx: int,
+        rotary: RotaryEmbedding,
+        dtype: torch.dtype,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = QKVLinear(
+            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias, dtype
+        )
+        self.o_proj = RowLinear(self.num_heads * self.head_dim, config.hidden_size, o_bias, dtype)
+        self.rotary = rotary
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+        self.qk_norm = qk_norm
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(
+            [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
+        )
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = attn.attend(self.layer_idx, q, k, v, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate and up in one matmul."""
+
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported by the Llama family")
+        bias = getattr(config, "mlp_bias", False)
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnLinear(config.hidden_size, [inter, inter], bias, dtype)
+        self.down_proj = RowLinear(inter, config.hidden_size, bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        layer_idx: int,
+        rotary: RotaryEmbedding,
+        dtype: torch.dtype,
+        qkv_bias: bool,
+        qk_norm: bool,
+    ) -> None:
+        super().__init__()
+        o_bias = getattr(config, "attention_bias", False)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, rotary, dtype, qkv_bias, o_bias, qk_norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), attn)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, the decoder stack and the final norm (HF's ``model.*`` parameters)."""
+
+    def __init__(
+        self, config: PretrainedConfig, dtype: torch.dtype, max_positions: int, qkv_bias: bool, qk_norm: bool
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary, dtype, qkv_bias, qk_norm) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, attn)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A causal LM over a flat batch of tokens.
+
+    ``forward(input_ids [T], positions [T], attn) -> hidden [T, hidden_size]``;
+    ``compute_logits(hidden [N, hidden_size]) -> float32 [N, vocab]``, called only on the
+    rows whose next token is wanted (the last of each sequence), which saves the largest
+    matmul for every other token.
+    """
+
+    # None: read config.attention_bias; a bool forces q/k/v bias on or off.
+    qkv_bias: bool | None = None
+    qk_norm: bool = False
+    # checkpoint name -> (our fused parameter, shard id)
+    stacked_params = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "0"),
+        "up_proj": ("gate_up_proj", "1"),
+    }
+
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        qkv_bias = self.qkv_bias if self.qkv_bias is not None else getattr(config, "attention_bias", False)
+        self.model = LlamaModel(config, dtype, max_positions, qkv_bias, self.qk_norm)
+        tied = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+        return self.model(input_ids, positions, attn)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill every parameter from checkpoint tensors named as in Hugging Face.
+
+        Strict both ways: an unknown checkpoint name or a parameter left unloaded raises,
+        naming them, so a wrong mapping can never pass silently.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                continue
+            target, shard = name, None
+            for ckpt_part, (fused, shard_id) in self.stacked_params.items():
+                if f".{ckpt_part}." in name:
+                    target, shard = name.replace(f".{ckpt_part}.", f".{fused}."), shard_id
+                    break
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}")
+            module = self.get_submodule(target.rsplit(".", 1)[0])
+            if hasattr(module, "weight_loader"):
+                module.weight_loader(params[target], tensor, shard)
+            else:
+                _copy_param(params[target], tensor, name)
+            loaded.add(target)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"the checkpoint has no tensors for {missing[:8]}{' …' if len(missing) > 8 else ''}")
+
+
+def _copy_param(param: nn.Parameter, tensor: torch.Tensor, name: str) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+    param.data.copy_(tensor)

@@ -1,0 +1,146 @@
+"""Load a model from a local path: a Hugging Face directory, a ``.gguf`` file, or a bundled name.
+
+Nothing is downloaded: a name that is neither bundled nor an existing path is an error. The
+loader reads the HF config (or maps GGUF metadata to one), builds the registered class in
+the requested dtype on the requested device, streams checkpoint tensors into it, and loads
+the tokenizer (with its chat template) through transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from nanoengine.config import ModelConfig
+from nanoengine.model import gguf_file
+from nanoengine.model.bundled import DEFAULT_MODEL, bundled_model_path, bundled_names
+from nanoengine.model.registry import model_class_for
+from nanoengine.platform import resolve_device, resolve_dtype
+
+logger = logging.getLogger("nanoengine")
+
+
+@dataclasses.dataclass(slots=True)
+class LoadedModel:
+    """A model ready to run, with what the engine needs to know about it.
+
+    ``max_model_len`` is the longest sequence (prompt + output) the engine will accept;
+    ``eos_token_ids`` are every token that ends generation unless ``ignore_eos``.
+    """
+
+    model: torch.nn.Module
+    hf_config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    path: Path
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """Where the weights are: the bundled default, a bundled name, or a local path."""
+    if model is None:
+        return bundled_model_path(DEFAULT_MODEL)
+    if str(model) in bundled_names():
+        return bundled_model_path(str(model))
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise ValueError(
+        f"model {str(model)!r} is neither a bundled name ({', '.join(bundled_names())}) nor a local "
+        "Hugging Face directory (with config.json) or .gguf file; nanoengine never downloads models"
+    )
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Build and fill the model that ``config`` names."""
+    started = time.perf_counter()
+    path = resolve_model_path(config.model)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    reader = gguf_file.open_gguf(path) if path.suffix == ".gguf" else None
+    hf_config = gguf_file.gguf_to_hf_config(reader) if reader else AutoConfig.from_pretrained(path)
+    max_model_len = _max_model_len(hf_config, config.max_model_len)
+    model_class = model_class_for(hf_config)
+    with torch.device(device):
+        model = model_class(hf_config, dtype, max_model_len)
+    weights, count = (
+        (gguf_file.iter_gguf_weights(reader, hf_config), len(reader.tensors)) if reader else _iter_safetensors(path)
+    )
+    with torch.no_grad():
+        model.load_weights(tqdm(weights, total=count, desc="Loading weights", leave=False, disable=count < 50))
+    model.eval()
+    tokenizer = load_tokenizer(path)
+    loaded = LoadedModel(
+        model=model,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        path=path,
+        dtype=dtype,
+        device=device,
+        max_model_len=max_model_len,
+        eos_token_ids=_eos_token_ids(path, hf_config, tokenizer),
+    )
+    logger.info(
+        "loaded %s (%s, %.1fM parameters) as %s on %s in %.1f s; max_model_len=%d",
+        path.name, hf_config.architectures[0], loaded.num_parameters / 1e6,
+        str(dtype).removeprefix("torch."), device, time.perf_counter() - started, max_model_len,
+    )
+    return loaded
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (and chat template), from its directory or from inside the GGUF."""
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
+    limit = hf_config.max_position_embeddings
+    # Without sliding-window attention, a sequence longer than the window would be wrong.
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        limit = min(limit, window)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len={requested} exceeds what the model supports ({limit})")
+    return requested
+
+
+def _iter_safetensors(path: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has no *.safetensors files")
+    handles = [safe_open(f, framework="pt") for f in files]
+    count = sum(len(h.keys()) for h in handles)
+    return ((name, h.get_tensor(name)) for h in handles for name in h.keys()), count
+
+
+def _eos_token_ids(path: Path, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    sources = [hf_config.eos_token_id, tokenizer.eos_token_id]
+    if path.is_dir() and (path / "generation_config.json").is_file():
+        sources.append(GenerationConfig.from_pretrained(path).eos_token_id)
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)

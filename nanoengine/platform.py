@@ -1,0 +1,41 @@
+"""What the hardware offers: the device to run on and the dtype it computes fastest.
+
+``dtype="auto"`` means bfloat16 where the hardware has native bf16 arithmetic (most GPUs;
+CPUs with AVX-512 BF16 or AMX), float32 elsewhere, because emulated bf16 is slower than
+float32 and loses precision for nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn ``"auto" | "cpu" | "cuda"`` into a device, refusing a GPU that is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but PyTorch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when the CPU advertises bf16 instructions (``avx512_bf16`` or ``amx_bf16``)."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Map a dtype name to a torch dtype; ``"auto"`` picks bf16 only where it is native."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32

@@ -1,0 +1,69 @@
+"""A request's state inside the engine: its tokens, how far it got, and why it ended.
+
+Plain Python (no torch): the scheduler of lesson 06 reasons about these without tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from nanoengine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclasses.dataclass(slots=True)
+class Request:
+    """One prompt and its (single) growing output.
+
+    Invariants: ``num_computed_tokens <= num_tokens``; once ``status.finished``, no token is
+    appended; ``stop_reason`` is set only for a stop string (str) or a stop token id (int).
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    arrival_time: float
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: int | str | None = None
+    num_computed_tokens: int = 0
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.finished else None
+
+    def max_total_tokens(self, max_model_len: int) -> int:
+        """The longest this request may grow: prompt + max_tokens, capped by the model."""
+        if self.params.max_tokens is None:
+            return max_model_len
+        return min(max_model_len, len(self.prompt_token_ids) + self.params.max_tokens)
+
+    def banned_token_ids(self) -> list[int]:
+        """Tokens that may not be sampled yet: EOS and stop tokens before ``min_tokens``."""
+        if len(self.output_token_ids) >= self.params.min_tokens:
+            return []
+        return sorted(set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else set(self.eos_token_ids)))
