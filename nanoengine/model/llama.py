@@ -178,7 +178,13 @@ class LlamaForCausalLM(nn.Module):
         naming them, so a wrong mapping can never pass silently.
         """
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        # A fused parameter is complete only when every one of its shards has arrived.
+        expected = {
+            (name, shard)
+            for name in params
+            for shard in getattr(self.get_submodule(name.rsplit(".", 1)[0]), "shard_offsets", {None: None})
+        }
+        loaded: set[tuple[str, str | None]] = set()
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
@@ -194,8 +200,8 @@ class LlamaForCausalLM(nn.Module):
                 module.weight_loader(params[target], tensor, shard)
             else:
                 _copy_param(params[target], tensor, name)
-            loaded.add(target)
-        missing = sorted(set(params) - loaded)
+            loaded.add((target, shard))
+        missing = sorted(f"{name}[{shard}]" if shard else name for name, shard in expected - loaded)
         if missing:
             raise ValueError(f"the checkpoint has no tensors for {missing[:8]}{' …' if len(missing) > 8 else ''}")
 

@@ -1,0 +1,51 @@
+"""Repository-wide pytest set-up: markers, the deterministic hypothesis profile, notebook marks.
+
+Markers are registered here (and ``--strict-markers`` is on) so a typo in a marker fails
+instead of silently selecting nothing. Notebooks collected by nbmake get ``nb`` and their
+lesson's marker (``02_kv_cache.ipynb`` -> ``l02``), so ``pytest -m l02`` runs it too.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+NUM_LESSONS = 17  # l00 .. l16
+TASKS_PER_LESSON = 9
+
+# Derandomized and bounded: the same examples on every machine, every run.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=20,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile("dev", parent=settings.get_profile("ci"), derandomize=False, max_examples=200)
+settings.load_profile("ci")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for lesson in range(NUM_LESSONS):
+        config.addinivalue_line("markers", f"l{lesson:02d}: lesson {lesson:02d}")
+        for task in range(1, TASKS_PER_LESSON + 1):
+            config.addinivalue_line("markers", f"l{lesson:02d}_t{task}: task L{lesson:02d}.T{task}")
+    for name, text in {
+        "kernel": "numba.cuda kernels (CUDA simulator on CPU, or a real GPU)",
+        "gpu": "needs a real GPU",
+        "slow": "takes more than a few seconds",
+        "nb": "a notebook executed by nbmake",
+    }.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.nb)
+            match = re.match(r"(\d\d)_", item.path.name)
+            if match:
+                item.add_marker(getattr(pytest.mark, f"l{match.group(1)}"))

@@ -1,0 +1,5 @@
+import sys
+
+from nanoengine.cli import main
+
+sys.exit(main())

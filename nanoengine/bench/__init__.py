@@ -1,0 +1,1 @@
+"""Benchmarks: measured figures for the lessons and docs/benchmarks.md (``nanoengine bench``)."""

@@ -1,0 +1,54 @@
+"""``check("l02")``: run one lesson's (or task's) tests in-process and print a result table.
+
+The tests live in the course repository's ``tests/`` beside the package, so this works in
+the clone a learner installed with ``pip install -e``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nanoengine
+
+
+class _Collector:
+    """A pytest plugin that keeps each test's outcome."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, str] = {}
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.when == "call" or report.outcome != "passed":
+            if report.nodeid not in self.results or report.outcome != "passed":
+                self.results[report.nodeid] = report.outcome
+
+
+def tests_dir() -> Path:
+    path = Path(nanoengine.__file__).resolve().parents[1] / "tests"
+    if not path.is_dir():
+        raise RuntimeError(
+            "check() runs the course's tests, which live in the repository beside the package; "
+            "clone the course and install it with `pip install -e .`"
+        )
+    return path
+
+
+def check(marker: str, verbose: bool = False) -> bool:
+    """Run the tests marked ``marker`` (``"l02"``, ``"l01_t2"``); True when all pass."""
+    import pytest
+
+    collector = _Collector()
+    args = [str(tests_dir()), "-m", marker, "-p", "no:cacheprovider", "-q", "--no-header"]
+    if not verbose:
+        args += ["--tb=line", "-o", "console_output_style=classic"]
+    code = pytest.main(args, plugins=[collector])
+    if code == pytest.ExitCode.NO_TESTS_COLLECTED:
+        print(f"no tests are marked {marker!r}")
+        return False
+    width = max((len(n) for n in collector.results), default=10)
+    print(f"\n{'test'.ljust(width)}  result")
+    for nodeid, outcome in collector.results.items():
+        print(f"{nodeid.ljust(width)}  {'PASS' if outcome == 'passed' else outcome.upper()}")
+    passed = sum(o == "passed" for o in collector.results.values())
+    print(f"{marker}: {passed}/{len(collector.results)} passed")
+    return code == pytest.ExitCode.OK

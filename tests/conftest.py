@@ -1,0 +1,56 @@
+"""Fixtures: the tiny model zoo (saved once per test session) and loaders for both sides."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from nanoengine import LLM
+from nanoengine.config import ModelConfig
+from nanoengine.model import load_model
+from nanoengine.model.loader import LoadedModel
+from tests.zoo import ZOO, save_zoo
+
+ZOO_NAMES = sorted(ZOO)
+
+
+@pytest.fixture(scope="session")
+def zoo_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return save_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@functools.cache
+def _load_ours(path: Path) -> LoadedModel:
+    return load_model(ModelConfig(model=str(path), dtype="float32"))
+
+
+@functools.cache
+def _load_hf(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def ours(zoo_paths):
+    """``ours(name)``: the zoo model loaded by nanoengine in float32 (cached)."""
+    return lambda name: _load_ours(zoo_paths[name])
+
+
+@pytest.fixture(scope="session")
+def hf(zoo_paths):
+    """``hf(name)``: the same weights loaded by transformers, eager attention, float32 (cached)."""
+    return lambda name: _load_hf(zoo_paths[name])
+
+
+@functools.cache
+def _llm(path: Path) -> LLM:
+    return LLM(str(path), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def llm_for(zoo_paths):
+    """``llm_for(name)``: a float32 ``LLM`` over a zoo model (cached)."""
+    return lambda name: _llm(zoo_paths[name])

@@ -1,0 +1,101 @@
+"""Lesson 00: the bundled GGUF (SmolLM2-135M-Instruct, Q4_1) loads exactly as transformers loads it.
+
+Three oracles: the ``gguf`` package's own dequantization for every tensor type in the file;
+transformers' GGUF loader for names, shapes and the q/k un-permutation; and transformers'
+greedy generation from the same file, in float32.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from nanoengine import LLM, SamplingParams
+from nanoengine.model import gguf_file, resolve_model_path
+from tests.oracles import assert_same_greedy, hf_greedy
+
+pytestmark = [pytest.mark.l00, pytest.mark.slow]
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return resolve_model_path(None)
+
+
+@pytest.fixture(scope="module")
+def reader(gguf_path):
+    return gguf_file.open_gguf(gguf_path)
+
+
+def test_every_tensor_type_dequantizes_like_the_gguf_package(reader):
+    by_type = collections.defaultdict(list)
+    for tensor in reader.tensors:
+        by_type[tensor.tensor_type.name].append(tensor)
+    assert {"Q4_1", "Q8_0", "F32"} <= set(by_type)
+    for tensors in by_type.values():
+        for tensor in tensors[:3]:
+            ours = gguf_file.dequantize(tensor)
+            theirs = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            assert ours.shape == tuple(reversed([int(d) for d in tensor.shape]))
+            np.testing.assert_array_equal(ours, np.asarray(theirs, dtype=np.float32).reshape(ours.shape))
+
+
+def test_config_and_tensors_match_transformers_gguf_loader(gguf_path, reader):
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = gguf_file.gguf_to_hf_config(reader)
+    with torch.device("meta"):  # transformers maps names through a model's state dict
+        skeleton = AutoModelForCausalLM.from_config(config)
+    theirs = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)
+    expected_config = theirs["config"]
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+        assert getattr(config, key) == expected_config[key], key
+    assert config.tie_word_embeddings
+    assert config.rope_parameters["rope_theta"] == pytest.approx(100000.0)
+    ours = dict(gguf_file.iter_gguf_weights(reader, config))
+    expected = theirs["tensors"]
+    assert set(ours) == set(expected)
+    for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
+                 "model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"]:
+        torch.testing.assert_close(ours[name], torch.as_tensor(np.asarray(expected[name])).float(), rtol=0, atol=0)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((3 * 8, 5)).astype(np.float32)
+    # llama.cpp's converter: per head, the two halves are interleaved into adjacent pairs
+    permuted = weight.reshape(3, 2, 4, 5).swapaxes(1, 2).reshape(weight.shape)
+    np.testing.assert_array_equal(gguf_file.unpermute_rope_rows(permuted, 3), weight)
+
+
+def test_unknown_gguf_tensor_is_named():
+    with pytest.raises(ValueError, match="blk.0.attn_weird.weight"):
+        gguf_file.hf_tensor_name("blk.0.attn_weird.weight")
+
+
+def test_smollm2_greedy_equals_transformers_on_the_same_gguf(gguf_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    llm = LLM(dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    params = SamplingParams(temperature=0.0, max_tokens=32, min_tokens=32)
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outputs):
+        ids = tokenizer(prompt)["input_ids"]
+        assert out.prompt_token_ids == ids
+        assert_same_greedy(hf_model, ids, out.outputs[0].token_ids, hf_greedy(hf_model, ids, 32))
+    assert "Paris" in outputs[0].outputs[0].text

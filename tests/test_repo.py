@@ -1,0 +1,84 @@
+"""The repository's own rules: clean notebooks, pinned torch, registered markers, import hygiene."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+pytestmark = pytest.mark.l00
+
+
+def test_there_are_notebooks():
+    assert [p.name for p in NOTEBOOKS][:3] == ["00_setup_and_models.ipynb", "01_decode_loop.ipynb", "02_kv_cache.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_clean(path):
+    notebook = json.loads(path.read_text())
+    dirty = [i for i, c in enumerate(notebook["cells"])
+             if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; clear them before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_defines_no_engine_code(path):
+    """Notebooks show and use the package; engine code lives only in nanoengine/."""
+    notebook = json.loads(path.read_text())
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            source = "".join(cell["source"])
+            assert not re.search(r"^\s*class\s", source, re.M), f"{path.name} defines a class"
+
+
+def test_torch_is_pinned():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "torch==2.13.0" in project["dependencies"]
+
+
+def test_every_lesson_has_its_handout():
+    for path in NOTEBOOKS:
+        number = path.name[:2]
+        assert list((ROOT / "lessons").glob(f"{number}-*/README.md")), f"lesson {number} has no handout"
+
+
+def test_plain_python_layers_do_not_import_torch():
+    """cache/ and request.py decide who gets memory; they must stay tensor-free (DESIGN.md)."""
+    code = ("import sys, nanoengine.request, nanoengine.cache.contiguous; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_importing_the_package_is_cheap():
+    code = "import sys, nanoengine; sys.exit(1 if {'torch', 'numba', 'transformers'} & set(sys.modules) else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_solution_regions_are_balanced_and_named():
+    for path in (ROOT / "nanoengine").rglob("*.py"):
+        open_task = None
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            begin = re.search(r"# BEGIN SOLUTION (L\d\d\.T\d)$", line)
+            if begin:
+                assert open_task is None, f"{path}:{n} nested solution region"
+                open_task = begin.group(1)
+            elif line.strip() == "# END SOLUTION":
+                assert open_task, f"{path}:{n} END without BEGIN"
+                open_task = None
+            else:
+                assert "SOLUTION" not in line or "BEGIN" not in line, f"{path}:{n} malformed marker"
+        assert open_task is None, f"{path}: region {open_task} never ends"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.endswith("python -m pytest"))
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
