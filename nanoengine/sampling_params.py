@@ -51,7 +51,9 @@ class SamplingParams:
         _check_int("top_k", self.top_k, low=-1)
         _check_float("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
-            _check_int("seed", self.seed)
+            _check_int("seed", self.seed, low=-(2**63))
+            if self.seed >= 2**64:
+                raise ValueError(f"seed must be below 2**64; got {self.seed}")
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, low=1)
         _check_int("min_tokens", self.min_tokens, low=0)

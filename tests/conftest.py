@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from nanoengine import LLM
 from nanoengine.config import ModelConfig
+from nanoengine.engine.naive import NaiveEngine
 from nanoengine.model import load_model
 from nanoengine.model.loader import LoadedModel
 from tests.zoo import ZOO, save_zoo
@@ -54,3 +55,16 @@ def _llm(path: Path) -> LLM:
 def llm_for(zoo_paths):
     """``llm_for(name)``: a float32 ``LLM`` over a zoo model (cached)."""
     return lambda name: _llm(zoo_paths[name])
+
+
+@functools.cache
+def _recompute_llm(path: Path) -> LLM:
+    llm = LLM(str(path), dtype="float32")
+    llm.engine = NaiveEngine(llm.loaded, use_kv_cache=False)
+    return llm
+
+
+@pytest.fixture(scope="session")
+def recompute_llm_for(zoo_paths):
+    """Like ``llm_for``, on lesson 01's recompute loop: lesson 01's tests need nothing of lesson 02."""
+    return lambda name: _recompute_llm(zoo_paths[name])

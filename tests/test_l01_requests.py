@@ -12,8 +12,8 @@ PROMPT = {"prompt_token_ids": [17, 42, 99, 3, 250, 7]}
 
 
 @pytest.fixture(scope="module")
-def llm(llm_for):
-    return llm_for("llama-gqa")
+def llm(recompute_llm_for):
+    return recompute_llm_for("llama-gqa")
 
 
 def _greedy(llm, **kwargs):
@@ -76,8 +76,10 @@ def _find_prompt_that_reaches_eos(llm, eos):
 
 def test_sequence_stops_at_max_model_len(zoo_paths):
     from nanoengine import LLM
+    from nanoengine.engine.naive import NaiveEngine
 
     llm = LLM(str(zoo_paths["llama-gqa"]), dtype="float32", max_model_len=10)
+    llm.engine = NaiveEngine(llm.loaded, use_kv_cache=False)
     out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"
 
@@ -133,6 +135,7 @@ def test_bad_input_is_a_clear_error(llm, prompts, params, message):
         ({"logit_bias": {1: 500}}, "logit_bias"),
         ({"temperature": float("nan")}, "temperature"),
         ({"seed": "x"}, "seed"),
+        ({"seed": 2**64}, "seed"),
     ],
 )
 def test_sampling_params_name_the_bad_field(kwargs, field):

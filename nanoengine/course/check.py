@@ -38,7 +38,9 @@ def check(marker: str, verbose: bool = False) -> bool:
     import pytest
 
     collector = _Collector()
-    args = [str(tests_dir()), "-m", marker, "-p", "no:cacheprovider", "-q", "--no-header"]
+    # The repository's addopts also run notebooks (nbmake); a check runs only the tests.
+    args = [str(tests_dir()), "-m", marker, "-o", "addopts=--strict-markers", "-p", "no:nbmake",
+            "-p", "no:cacheprovider", "-q", "--no-header"]
     if not verbose:
         args += ["--tb=line", "-o", "console_output_style=classic"]
     code = pytest.main(args, plugins=[collector])
