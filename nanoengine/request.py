@@ -49,10 +49,6 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.finished else None
 
