@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from nanoengine.bench import latency
+from nanoengine.bench import kv_memory, latency
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     bench = sub.add_parser("bench", help="measure the engine (see docs/benchmarks.md)")
-    latency.add_parser(bench.add_subparsers(dest="bench_command", required=True))
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    latency.add_parser(bench_commands)
+    kv_memory.add_parser(bench_commands)
     return parser
 
 

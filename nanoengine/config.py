@@ -8,6 +8,7 @@ and parallel sub-configs beside :class:`ModelConfig`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -42,3 +43,14 @@ class ModelConfig:
             raise ValueError(f"seed must be an integer; got {self.seed!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"1073741824"``, ``"512MiB"``, ``"1GiB"`` or ``"2GB"`` (case-insensitive)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"cannot read {text!r} as a size; use bytes or a unit such as 512MiB or 1GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])

@@ -54,7 +54,7 @@ class LLM:
     ) -> None:
         self.model_config = ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device)
         self.loaded = load_model(self.model_config)
-        self.engine = NaiveEngine(self.loaded, use_kv_cache=True, seed=seed)
+        self.engine = NaiveEngine(self.loaded, kv_cache="contiguous", seed=seed)
         self._request_ids = itertools.count()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:

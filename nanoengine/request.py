@@ -27,7 +27,7 @@ class RequestStatus(enum.Enum):
 class Request:
     """One prompt and its (single) growing output.
 
-    Invariants: ``num_computed_tokens <= num_tokens``; once ``status.finished``, no token is
+    Invariants: once ``status.finished``, no token is
     appended; ``stop_reason`` is set only for a stop string (str) or a stop token id (int).
     """
 
@@ -40,7 +40,6 @@ class Request:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
-    num_computed_tokens: int = 0
     first_token_time: float | None = None
     finished_time: float | None = None
 

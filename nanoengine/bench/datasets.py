@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 
@@ -9,3 +10,16 @@ def random_prompt_token_ids(num_prompts: int, input_len: int, vocab_size: int, s
     """``num_prompts`` prompts of ``input_len`` ids drawn uniformly from the vocabulary."""
     rng = random.Random(seed)
     return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+
+
+def realistic_lengths(num_requests: int, max_model_len: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt, output) lengths with a chat workload's long tail: log-normal, median prompt
+    ~200 and output ~150 tokens, clipped to [8, 2048] and [4, 1024] and to ``max_model_len``."""
+    rng = random.Random(seed)
+    lengths = []
+    for _ in range(num_requests):
+        prompt = min(2048, max(8, round(rng.lognormvariate(math.log(200), 0.8))))
+        output = min(1024, max(4, round(rng.lognormvariate(math.log(150), 0.9))))
+        prompt = min(prompt, max_model_len - 1)
+        lengths.append((prompt, min(output, max_model_len - prompt)))
+    return lengths

@@ -25,15 +25,16 @@ from nanoengine.model import load_model
 from nanoengine.request import Request
 from nanoengine.sampling_params import SamplingParams
 
-# engine name -> whether it keeps a KV cache (the lessons' engines, in course order)
-ENGINES = {"recompute": False, "contiguous": True}
+# engine name -> the NaiveEngine KV cache it runs on (the lessons' engines, in course order)
+ENGINES = {"recompute": "none", "contiguous": "contiguous", "paged": "paged"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("latency", help="latency of one request: prefill and every decode step")
     p.add_argument("model", nargs="?", default=None, help="bundled name, HF directory or .gguf (default: SmolLM2)")
     p.add_argument("--engine", choices=sorted(ENGINES), default="contiguous",
-                   help="recompute: lesson 01's loop; contiguous: lesson 02's KV cache")
+                   help="recompute: lesson 01's loop; contiguous: lesson 02's KV cache; paged: lesson 04's")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (paged only)")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-iters-warmup", type=int, default=1)
@@ -55,7 +56,7 @@ def _one_run(engine: NaiveEngine, prompt: list[int], output_len: int, request_id
 
 def main(args: argparse.Namespace) -> int:
     loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, seed=args.seed))
-    engine = NaiveEngine(loaded, use_kv_cache=ENGINES[args.engine], seed=args.seed)
+    engine = NaiveEngine(loaded, kv_cache=ENGINES[args.engine], block_size=args.block_size, seed=args.seed)
     prompt = random_prompt_token_ids(1, args.input_len, loaded.hf_config.vocab_size, args.seed)[0]
     for i in range(args.num_iters_warmup):
         _one_run(engine, prompt, min(args.output_len, 8), f"warmup-{i}")

@@ -1,6 +1,7 @@
-"""Lessons 01–02: the decode loop, first recomputing everything, then with a KV cache.
+"""Lessons 01–04: the decode loop, recomputing everything, then over a contiguous KV cache,
+then over a paged one.
 
-Both loops are generators of token ids: they run the model only when the caller asks for
+The loops are generators of token ids: they run the model only when the caller asks for
 the next token, so the caller alone decides when a sequence stops. They stay in the package
 as oracles: every faster engine must produce the same tokens.
 """
@@ -13,6 +14,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from nanoengine.attention import ContiguousKVCache, NoCache
+from nanoengine.attention.metadata import build_attention_metadata
+from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
+from nanoengine.cache.kv_cache_manager import KVCacheManager
 from nanoengine.engine.detokenizer import IncrementalDetokenizer
 from nanoengine.engine.stop_checker import check_token_stop, find_stop_string
 from nanoengine.model.llama import head_dim_of
@@ -69,22 +73,80 @@ def kv_cache_decode(
     # END SOLUTION
 
 
-class NaiveEngine:
-    """Runs requests one at a time, start to finish (lessons 01–02's engine behind ``LLM``).
+@torch.inference_mode()
+def paged_decode(
+    model: torch.nn.Module,
+    prompt_token_ids: Sequence[int],
+    next_token: NextToken,
+    manager: KVCacheManager,
+    kv_cache: PagedKVCache,
+    request_id: str = "0",
+) -> Iterator[int]:
+    """Like :func:`kv_cache_decode`, over a paged cache: before each forward the manager
+    grows the sequence's block table to cover its tokens, and attention finds K/V through it.
 
-    ``use_kv_cache=False`` selects the recompute loop. Unseeded requests draw from one
-    engine generator seeded at start, so a script's outputs are reproducible run to run.
+    The blocks return to the pool when the caller stops iterating (the generator closes).
+    """
+    device = next(model.parameters()).device
+    token_ids = list(prompt_token_ids)
+    num_computed = 0
+    try:
+        while True:
+            if not manager.allocate_slots(request_id, token_ids):
+                raise RuntimeError(f"the KV cache has no free block for request {request_id!r}")
+            metadata = build_attention_metadata(
+                [manager.block_table(request_id)], [num_computed], [len(token_ids) - num_computed],
+                manager.block_size, device,
+            )
+            hidden = model(
+                torch.tensor(token_ids[num_computed:], device=device),
+                torch.arange(num_computed, len(token_ids), device=device),
+                PagedAttention(kv_cache, metadata),
+            )
+            num_computed = len(token_ids)
+            token = next_token(model.compute_logits(hidden[-1:])[0])
+            token_ids.append(token)
+            yield token
+    finally:
+        if request_id in manager.tables:
+            manager.free(request_id)
+
+
+KV_CACHES = ("none", "contiguous", "paged")
+
+
+class NaiveEngine:
+    """Runs requests one at a time, start to finish (lessons 01–04's engine behind ``LLM``).
+
+    ``kv_cache`` picks the loop: ``"none"`` recomputes everything (lesson 01),
+    ``"contiguous"`` reserves a cache per request (lesson 02), ``"paged"`` takes blocks of
+    ``block_size`` tokens from a pool sized for one ``max_model_len`` sequence (lessons 03–04).
+    Unseeded requests draw from one engine generator seeded at start, so a script's outputs
+    are reproducible run to run.
     """
 
-    def __init__(self, loaded: LoadedModel, use_kv_cache: bool = True, seed: int = 0) -> None:
+    def __init__(self, loaded: LoadedModel, kv_cache: str = "contiguous", block_size: int = 16, seed: int = 0) -> None:
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}; got {kv_cache!r}")
         self.loaded = loaded
-        self.use_kv_cache = use_kv_cache
+        self.kv_cache = kv_cache
         self.generator = torch.Generator().manual_seed(seed)
+        if kv_cache == "paged":
+            config = loaded.hf_config
+            num_blocks = -(-loaded.max_model_len // block_size)
+            self.manager = KVCacheManager(num_blocks, block_size)
+            self.paged_cache = PagedKVCache(
+                config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads,
+                head_dim_of(config), loaded.dtype, loaded.device,
+            )
 
     def _token_stream(self, request: Request, next_token: NextToken) -> Iterator[int]:
         model = self.loaded.model
-        if not self.use_kv_cache:
+        if self.kv_cache == "none":
             return recompute_decode(model, request.prompt_token_ids, next_token)
+        if self.kv_cache == "paged":
+            return paged_decode(model, request.prompt_token_ids, next_token, self.manager, self.paged_cache,
+                                request.request_id)
         config = self.loaded.hf_config
         cache = ContiguousKVCache(
             config.num_hidden_layers,
@@ -111,7 +173,8 @@ class NaiveEngine:
 
         request.status = RequestStatus.RUNNING
         text = ""
-        for token in self._token_stream(request, next_token):
+        stream = self._token_stream(request, next_token)
+        for token in stream:
             request.output_token_ids.append(token)
             request.first_token_time = request.first_token_time or time.monotonic()
             stopped = check_token_stop(request, self.loaded.max_model_len)
@@ -128,6 +191,7 @@ class NaiveEngine:
                 request.finished_time = time.monotonic()
             yield make_request_output(request, text)
             if request.status.finished:
+                stream.close()  # frees a paged request's blocks now, not when garbage-collected
                 return
 
 

@@ -75,7 +75,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     reader = gguf_file.open_gguf(path) if path.suffix == ".gguf" else None
     hf_config = gguf_file.gguf_to_hf_config(reader) if reader else AutoConfig.from_pretrained(path)
-    max_model_len = _max_model_len(hf_config, config.max_model_len)
+    max_model_len = max_model_len_for(hf_config, config.max_model_len)
     model_class = model_class_for(hf_config)
     with torch.device(device):
         model = model_class(hf_config, dtype, max_model_len)
@@ -104,6 +104,14 @@ def load_model(config: ModelConfig) -> LoadedModel:
     return loaded
 
 
+def load_hf_config(model: str | Path | None) -> PretrainedConfig:
+    """A model's HF config without reading its weights (for sizing and figures)."""
+    path = resolve_model_path(model)
+    if path.suffix == ".gguf":
+        return gguf_file.gguf_to_hf_config(gguf_file.open_gguf(path))
+    return AutoConfig.from_pretrained(path)
+
+
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """The model's tokenizer (and chat template), from its directory or from inside the GGUF."""
     if path.suffix == ".gguf":
@@ -111,7 +119,8 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
-def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
+def max_model_len_for(hf_config: PretrainedConfig, requested: int | None) -> int:
+    """The longest sequence the engine will run: ``requested``, or what the model supports."""
     limit = hf_config.max_position_embeddings
     # Without sliding-window attention, a sequence longer than the window would be wrong.
     window = getattr(hf_config, "sliding_window", None)

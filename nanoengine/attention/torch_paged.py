@@ -1,0 +1,88 @@
+"""Lesson 04: PagedAttention in plain PyTorch, the reference every faster kernel must equal.
+
+The K/V of all requests live in one preallocated pool per layer, ``[num_blocks, block_size,
+num_kv_heads, head_dim]``. Each step first scatters the new tokens' K/V into their slots,
+then, for each sequence, gathers its blocks through its block table and runs ordinary causal
+attention over them. The gather is a Python loop over sequences: easy to read, slow by
+design; lesson 05's kernel and lesson 15's fast path replace it behind the same interface.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nanoengine.attention.dense import causal_attention
+from nanoengine.attention.metadata import AttentionMetadata
+
+
+class PagedKVCache:
+    """The KV pool's tensors, owned by the worker (the cache manager only hands out ids).
+
+    Invariant: slot ``s`` of layer ``l`` is ``k[l].view(-1, Hkv, D)[s]``; block ``b`` holds
+    slots ``b * block_size .. (b + 1) * block_size - 1``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store the step's K/V (``[T, Hkv, D]``) of one layer at their slots."""
+    # BEGIN SOLUTION L04.T1
+    num_kv_heads, head_dim = k.shape[1:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    # END SOLUTION
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Attention of every query row over its own sequence's cached K/V (``[T, Hq, D]``)."""
+    out = torch.empty_like(q)
+    block_size = metadata.block_size
+    starts = metadata.query_start_loc
+    for i, seq_len in enumerate(metadata.seq_lens):
+        # BEGIN SOLUTION L04.T2
+        start, end = starts[i], starts[i + 1]
+        blocks = metadata.block_tables[i, : math.ceil(seq_len / block_size)]
+        k = k_cache[blocks].flatten(0, 1)[:seq_len]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len]
+        out[start:end] = causal_attention(q[start:end], k, v, scale, q_offset=seq_len - (end - start))
+        # END SOLUTION
+    return out
+
+
+class PagedAttention:
+    """The :class:`~nanoengine.attention.AttentionContext` of one step over a paged cache."""
+
+    def __init__(self, kv_cache: PagedKVCache, metadata: AttentionMetadata) -> None:
+        self.kv_cache = kv_cache
+        self.metadata = metadata
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
+        write_kv(k_cache, v_cache, k, v, self.metadata.slot_mapping)
+        return paged_attention(q, k_cache, v_cache, self.metadata, scale)
