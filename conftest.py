@@ -7,10 +7,17 @@ lesson's marker (``02_kv_cache.ipynb`` -> ``l02``), so ``pytest -m l02`` runs it
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
+
+# numba reads this once, when first imported: without a GPU, numba.cuda kernels (lesson 05)
+# run on the CUDA simulator. setdefault leaves an explicit choice alone.
+if not torch.cuda.is_available():
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 NUM_LESSONS = 17  # l00 .. l16
 TASKS_PER_LESSON = 9

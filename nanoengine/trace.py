@@ -52,7 +52,8 @@ class Trace:
 class PoolSnapshot:
     """The pool after some event: who owns each block and which tokens fill it.
 
-    ``owner[b]`` is a request id or None (free); ``tokens[b]`` the token ids written so far;
+    ``owner[b]`` is a request id or None (free); ``tokens[b]`` the token ids written so far,
+    which fill block ``b`` from its first slot (a block is only ever appended to);
     ``tables`` each live request's block table.
     """
 
@@ -63,7 +64,8 @@ class PoolSnapshot:
 
 
 def replay(trace: Trace) -> list[PoolSnapshot]:
-    """The pool state after every ``step`` event, and after the last event."""
+    """The pool state at the end of every step: one snapshot per ``step`` event, and one for
+    the step still open if anything happened in it."""
     owner: list[str | None] = [None] * trace.num_blocks
     tokens: list[list[int]] = [[] for _ in range(trace.num_blocks)]
     tables: dict[str, list[int]] = {}
@@ -86,5 +88,6 @@ def replay(trace: Trace) -> list[PoolSnapshot]:
         elif event.kind == "free":
             for b in tables.pop(event.request_id, []):
                 owner[b], tokens[b] = None, []
-    snapshots.append(snapshot(trace.step))
+    if not trace.events or trace.events[-1].kind != "step":
+        snapshots.append(snapshot(trace.step))
     return snapshots

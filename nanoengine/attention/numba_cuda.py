@@ -47,6 +47,9 @@ from typing import Any
 
 import torch
 
+from nanoengine.attention import torch_paged
+from nanoengine.attention.metadata import AttentionMetadata
+
 THREADS_PER_BLOCK = 32  # one warp: a block's threads stride over its sequence's tokens
 MAX_HEAD_DIM = 256  # columns of the shared query and accumulator arrays
 
@@ -230,3 +233,15 @@ def paged_attention_decode(
         host(block_tables, torch.int32), seq_lens_host, float(scale), out,
     )
     return torch.from_numpy(out).to(q.device, q.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The registry's entry point, with the reference's signature: a batch of pure decodes
+    (one query per sequence) runs the kernel; any batch holding a prefill chunk falls back to
+    the PyTorch reference, since this kernel handles one query per sequence only."""
+    if metadata.max_query_len != 1:
+        return torch_paged.paged_attention(q, k_cache, v_cache, metadata, scale)
+    seq_lens = torch.tensor(metadata.seq_lens, dtype=torch.int32, device=q.device)
+    return paged_attention_decode(q, k_cache, v_cache, metadata.block_tables, seq_lens, scale)

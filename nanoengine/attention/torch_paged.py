@@ -74,15 +74,20 @@ def paged_attention(
 
 
 class PagedAttention:
-    """The :class:`~nanoengine.attention.AttentionContext` of one step over a paged cache."""
+    """The :class:`~nanoengine.attention.AttentionContext` of one step over a paged cache.
 
-    def __init__(self, kv_cache: PagedKVCache, metadata: AttentionMetadata) -> None:
+    ``attention_fn`` is the backend that reads the cache (see ``attention.registry``); the
+    write into the slots is the same for every backend.
+    """
+
+    def __init__(self, kv_cache: PagedKVCache, metadata: AttentionMetadata, attention_fn=None) -> None:
         self.kv_cache = kv_cache
         self.metadata = metadata
+        self.attention_fn = attention_fn or paged_attention
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         write_kv(k_cache, v_cache, k, v, self.metadata.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, self.metadata, scale)
+        return self.attention_fn(q, k_cache, v_cache, self.metadata, scale)

@@ -15,6 +15,7 @@ import torch
 
 from nanoengine.attention import ContiguousKVCache, NoCache
 from nanoengine.attention.metadata import build_attention_metadata
+from nanoengine.attention.registry import AttentionFn, default_backend, get_attention_backend
 from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
 from nanoengine.cache.kv_cache_manager import KVCacheManager
 from nanoengine.engine.detokenizer import IncrementalDetokenizer
@@ -81,11 +82,13 @@ def paged_decode(
     manager: KVCacheManager,
     kv_cache: PagedKVCache,
     request_id: str = "0",
+    attention_fn: AttentionFn | None = None,
 ) -> Iterator[int]:
     """Like :func:`kv_cache_decode`, over a paged cache: before each forward the manager
     grows the sequence's block table to cover its tokens, and attention finds K/V through it.
 
     The blocks return to the pool when the caller stops iterating (the generator closes).
+    ``attention_fn`` picks the backend that reads the cache (default: the PyTorch reference).
     """
     device = next(model.parameters()).device
     token_ids = list(prompt_token_ids)
@@ -101,7 +104,7 @@ def paged_decode(
             hidden = model(
                 torch.tensor(token_ids[num_computed:], device=device),
                 torch.arange(num_computed, len(token_ids), device=device),
-                PagedAttention(kv_cache, metadata),
+                PagedAttention(kv_cache, metadata, attention_fn),
             )
             num_computed = len(token_ids)
             token = next_token(model.compute_logits(hidden[-1:])[0])
@@ -135,6 +138,7 @@ class NaiveEngine:
             config = loaded.hf_config
             num_blocks = -(-loaded.max_model_len // block_size)
             self.manager = KVCacheManager(num_blocks, block_size)
+            self.attention_fn = get_attention_backend(default_backend(loaded.device))
             self.paged_cache = PagedKVCache(
                 config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads,
                 head_dim_of(config), loaded.dtype, loaded.device,
@@ -146,7 +150,7 @@ class NaiveEngine:
             return recompute_decode(model, request.prompt_token_ids, next_token)
         if self.kv_cache == "paged":
             return paged_decode(model, request.prompt_token_ids, next_token, self.manager, self.paged_cache,
-                                request.request_id)
+                                request.request_id, self.attention_fn)
         config = self.loaded.hf_config
         cache = ContiguousKVCache(
             config.num_hidden_layers,

@@ -1,7 +1,7 @@
 """``python -m nanoengine.viz.make_figures``: regenerate every figure in ``figures/``.
 
-Inputs are fixed (the bundled model's config, recorded benchmark JSON in ``docs/bench/``),
-so a rerun gives byte-identical files.
+Inputs are fixed (the bundled model's config, recorded benchmark JSON in ``docs/bench/``,
+the example paging trace of :mod:`nanoengine.viz.examples`), so a rerun gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -14,8 +14,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from nanoengine.model import gguf_file, resolve_model_path  # noqa: E402
-from nanoengine.viz import kv_cache_speed, model_anatomy, save_figure, token_timeline  # noqa: E402
+from nanoengine.model import load_hf_config  # noqa: E402
+from nanoengine.trace import replay  # noqa: E402
+from nanoengine.viz import (  # noqa: E402
+    block_pool_grid,
+    block_tables,
+    example_paging_trace,
+    kv_cache_speed,
+    model_anatomy,
+    paged_vs_contiguous,
+    save_figure,
+    token_timeline,
+    trace_colors,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "figures")
     args = parser.parse_args(argv)
-    config = gguf_file.gguf_to_hf_config(gguf_file.open_gguf(resolve_model_path(None)))
+    config = load_hf_config(None)
     written = [
         save_figure(model_anatomy(config, "SmolLM2-135M-Instruct"), args.out / "model_anatomy.png"),
         save_figure(token_timeline(), args.out / "token_timeline.png"),
@@ -37,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     results = [r for r in (_bench("l02_recompute"), _bench("l02_contiguous")) if r]
     if results:
         written.append(save_figure(kv_cache_speed(results), args.out / "kv_cache_speed.png"))
+    trace = example_paging_trace()
+    last, colors = replay(trace)[-1], trace_colors(trace)
+    written += [
+        save_figure(block_pool_grid(last, trace.block_size, colors=colors), args.out / "block_pool.png"),
+        save_figure(block_tables(last, trace.block_size, colors=colors), args.out / "block_tables.png"),
+    ]
+    memory = _bench("l03_kv_memory")
+    if memory:
+        written.append(save_figure(paged_vs_contiguous(memory), args.out / "paged_vs_contiguous.png"))
     for path in written:
         print(path)
     return 0

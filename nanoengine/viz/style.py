@@ -9,7 +9,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 COLORS = {"prompt": "#4C72B0", "new": "#DD8452", "cached": "#D9D9D9", "attn": "#55A868", "mlp": "#C44E52",
-          "norm": "#8172B3", "embed": "#937860"}
+          "norm": "#8172B3", "embed": "#937860", "contiguous": "#DD8452", "paged": "#4C72B0"}
 
 # One colour per request (a qualitative palette); requests beyond ten reuse colours.
 REQUEST_PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3",
@@ -19,8 +19,8 @@ REQUEST_PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3",
 def request_colors(request_ids: Iterable[str | None]) -> dict[str, str]:
     """A colour per request id, assigned in sorted order so the same ids always get the same colours.
 
-    Pass every id of a whole trace (``e.request_id for e in trace.events``) to keep a
-    request's colour fixed across the frames of an animation; ``None`` entries are ignored.
+    ``None`` entries are ignored. Built from every id of a whole trace
+    (``nanoengine.viz.block_pool.trace_colors``), a request keeps its colour across snapshots.
     """
     ids = sorted({r for r in request_ids if r is not None})
     return {r: REQUEST_PALETTE[i % len(REQUEST_PALETTE)] for i, r in enumerate(ids)}
