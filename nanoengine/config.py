@@ -1,8 +1,8 @@
 """Engine configuration: frozen, validated records built once from the user's arguments.
 
 Every check happens in ``__post_init__`` so that a bad argument fails at ``LLM(...)`` with a
-message naming the argument, before any weights are read. Later lessons add cache, scheduler
-and parallel sub-configs beside :class:`ModelConfig`.
+message naming the argument, before any weights are read. :class:`EngineConfig` groups the
+model, cache and scheduler sub-configs (later lessons add parallel ones).
 """
 
 from __future__ import annotations
@@ -43,6 +43,79 @@ class ModelConfig:
             raise ValueError(f"seed must be an integer; got {self.seed!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+
+
+def _positive_int(name: str, value: object, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """KV cache geometry and budget.
+
+    ``kv_cache_memory_bytes`` wins when given; otherwise the engine takes
+    ``gpu_memory_utilization`` of the GPU's memory (minus the weights), or on a CPU
+    ``CPU_KV_SHARE`` of the RAM available at start-up.
+    """
+
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+
+    def __post_init__(self) -> None:
+        _positive_int("block_size", self.block_size)
+        _positive_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """How much work one engine step may take.
+
+    ``max_num_batched_tokens`` is the token budget of a step (prefill chunks plus decode
+    tokens); None means 2048 with chunked prefill, else the model's length, so a whole
+    prompt always fits. It must be at least ``max_num_seqs`` (as vLLM), so every running
+    request can decode in every step.
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(f"enable_chunked_prefill must be a bool; got {self.enable_chunked_prefill!r}")
+
+    def token_budget(self, max_model_len: int) -> int:
+        """The per-step token budget, resolved against the model's length."""
+        if self.max_num_batched_tokens is not None:
+            if not self.enable_chunked_prefill and self.max_num_batched_tokens < max_model_len:
+                raise ValueError(
+                    f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be at "
+                    f"least max_model_len ({max_model_len}), or a long prompt could never be scheduled"
+                )
+            return self.max_num_batched_tokens
+        return max(2048, self.max_num_seqs) if self.enable_chunked_prefill else max(max_model_len, self.max_num_seqs)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything the engine is built from."""
+
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

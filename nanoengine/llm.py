@@ -1,7 +1,9 @@
 """``LLM``: the offline API, shaped as vLLM's so a learner's script transfers by changing the import.
 
-Lessons 01–02 put the naive engine under it (one request at a time, contiguous KV cache);
-later lessons swap the engine for the paged, continuously batched one. The API stays.
+Under it runs lesson 06's engine (continuous batching over a paged KV cache). Any object
+with the engine interface (``add_request`` / ``step`` / ``abort_request`` /
+``has_unfinished_requests``) can take its place in ``llm.llm_engine``: lessons 01–04 put
+their one-request-at-a-time ``NaiveEngine`` there. The API stays.
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from nanoengine.config import ModelConfig
+from nanoengine.config import CacheConfig, ModelConfig, SchedulerConfig
 from nanoengine.engine.inputs import params_per_prompt, parse_prompts
-from nanoengine.engine.naive import NaiveEngine
+from nanoengine.engine.llm_engine import LLMEngine
 from nanoengine.model import load_model
 from nanoengine.outputs import RequestOutput
-from nanoengine.request import Request
 from nanoengine.sampling_params import SamplingParams
 
 # What lesson 09 (issue N4) adds to the sampler; refused clearly until then.
@@ -50,11 +51,20 @@ class LLM:
         dtype: str = "auto",
         max_model_len: int | None = None,
         seed: int = 0,
+        block_size: int = 16,
+        kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_chunked_prefill: bool = True,
         device: str = "auto",
+        trace: bool = False,
     ) -> None:
         self.model_config = ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device)
+        cache = CacheConfig(block_size, kv_cache_memory_bytes, gpu_memory_utilization)
+        scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.loaded = load_model(self.model_config)
-        self.engine = NaiveEngine(self.loaded, kv_cache="contiguous", seed=seed)
+        self.llm_engine = LLMEngine(self.loaded, cache, scheduler, seed=seed, trace=trace)
         self._request_ids = itertools.count()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -73,22 +83,32 @@ class LLM:
         params = params_per_prompt(sampling_params, len(parsed))
         for p in params:
             _check_supported(p)
-        requests = [
-            Request(
-                request_id=str(next(self._request_ids)),
-                prompt=prompt.text,
-                prompt_token_ids=prompt.token_ids,
-                params=p,
-                eos_token_ids=self.loaded.eos_token_ids,
-                arrival_time=time.monotonic(),
-            )
-            for prompt, p in zip(parsed, params)
-        ]
-        outputs = []
-        for request in tqdm(requests, desc="Processed prompts", disable=not use_tqdm or len(requests) < 2):
-            *_, final = self.engine.run(request)
-            outputs.append(final)
-        return outputs
+        engine = self.llm_engine
+        request_ids = [str(next(self._request_ids)) for _ in parsed]
+        for request_id, prompt, p in zip(request_ids, parsed, params):
+            engine.add_request(request_id, prompt, p)
+        finished: dict[str, RequestOutput] = {}
+        try:
+            with tqdm(total=len(parsed), desc="Processed prompts", disable=not use_tqdm or len(parsed) < 2) as bar:
+                started, prompt_tokens, output_tokens = time.perf_counter(), 0, 0
+                while len(finished) < len(request_ids):
+                    for output in engine.step():
+                        if output.finished:
+                            finished[output.request_id] = output
+                            prompt_tokens += len(output.prompt_token_ids)
+                            output_tokens += len(output.outputs[0].token_ids)
+                            elapsed = time.perf_counter() - started
+                            bar.set_postfix_str(
+                                f"est. speed input: {prompt_tokens / elapsed:.1f} toks/s, "
+                                f"output: {output_tokens / elapsed:.1f} toks/s", refresh=False,
+                            )
+                            bar.update(1)
+        except BaseException:  # interrupted: leave the engine with none of these requests
+            for request_id in request_ids:
+                if request_id not in finished:
+                    engine.abort_request(request_id)
+            raise
+        return [finished[request_id] for request_id in request_ids]
 
     def chat(
         self,

@@ -27,7 +27,9 @@ class RequestStatus(enum.Enum):
 class Request:
     """One prompt and its (single) growing output.
 
-    Invariants: once ``status.finished``, no token is
+    Invariants: ``num_computed_tokens <= num_tokens`` (K/V of the first
+    ``num_computed_tokens`` tokens are in the cache; preemption resets it to 0); once
+    ``status.finished``, no token is
     appended; ``stop_reason`` is set only for a stop string (str) or a stop token id (int).
     """
 
@@ -40,12 +42,17 @@ class Request:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
+    num_computed_tokens: int = 0
     first_token_time: float | None = None
     finished_time: float | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
 
     @property
     def finish_reason(self) -> str | None:

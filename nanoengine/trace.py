@@ -1,8 +1,9 @@
 """The engine's event recorder: what happened to which blocks, step by step.
 
 A trace is plain data (no torch): an append-only list of :class:`TraceEvent`. The cache
-manager records allocations, appends and frees into it when given one; later lessons add
-fork, copy-on-write, prefix hits, evictions and preemptions. ``nanoengine.viz`` replays a
+manager records allocations, appends and frees into it when given one; the scheduler
+records arrivals, each step's scheduled chunks, preemptions and finishes; lesson 08 adds
+fork, copy-on-write, prefix hits and evictions. ``nanoengine.viz`` replays a
 trace into pictures, and :func:`replay` rebuilds the block pool's state at any step.
 """
 
@@ -10,7 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 
-EVENT_KINDS = ("alloc", "append", "free", "fork", "cow", "hit", "evict", "preempt", "step")
+EVENT_KINDS = (
+    "arrive", "schedule", "finish",  # a request's life (lesson 06): token_ids = prompt / computed chunk
+    "alloc", "append", "free",  # blocks (lesson 03)
+    "fork", "cow", "hit", "evict",  # sharing (lesson 08)
+    "preempt", "step",
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -60,7 +60,7 @@ def llm_for(zoo_paths):
 @functools.cache
 def _recompute_llm(path: Path) -> LLM:
     llm = LLM(str(path), dtype="float32")
-    llm.engine = NaiveEngine(llm.loaded, kv_cache="none")
+    llm.llm_engine = NaiveEngine(llm.loaded, kv_cache="none")
     return llm
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from nanoengine.attention.metadata import build_attention_metadata
 from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache, write_kv
 from nanoengine.engine.naive import NaiveEngine
-from nanoengine.request import Request
+from nanoengine.engine.inputs import Prompt
 from nanoengine.sampling_params import SamplingParams
 from tests.conftest import ZOO_NAMES
 
@@ -94,9 +94,11 @@ def test_metadata_of_a_mixed_step():
 
 def _run(loaded, kv_cache, prompt, params, block_size=16):
     engine = NaiveEngine(loaded, kv_cache=kv_cache, block_size=block_size)
-    request = Request("r", None, list(prompt), params, loaded.eos_token_ids, 0.0)
-    *_, out = engine.run(request)
-    return out.outputs[0].token_ids, engine
+    engine.add_request("r", Prompt(None, list(prompt)), params)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    return outputs[-1].outputs[0].token_ids, engine
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)

@@ -18,7 +18,10 @@ pytestmark = pytest.mark.l00
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS][:3] == ["00_setup_and_models.ipynb", "01_decode_loop.ipynb", "02_kv_cache.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:6] == [
+        "00_setup_and_models.ipynb", "01_decode_loop.ipynb", "02_kv_cache.ipynb",
+        "03_paging.ipynb", "04_paged_attention.ipynb", "05_numba_cuda_kernel.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -35,8 +35,10 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # empty, not zeros: a slot is always written before it is read, and untouched pages of
+        # a large pool then cost no RAM until used.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.block_size = block_size
 
     @property

@@ -20,9 +20,9 @@ from nanoengine.bench.datasets import random_prompt_token_ids
 from nanoengine.bench.machine import describe_machine
 from nanoengine.bench.stats import format_summary, summary
 from nanoengine.config import ModelConfig
+from nanoengine.engine.inputs import Prompt
 from nanoengine.engine.naive import NaiveEngine
 from nanoengine.model import load_model
-from nanoengine.request import Request
 from nanoengine.sampling_params import SamplingParams
 
 # engine name -> the NaiveEngine KV cache it runs on (the lessons' engines, in course order)
@@ -48,9 +48,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _one_run(engine: NaiveEngine, prompt: list[int], output_len: int, request_id: str) -> list[float]:
     """Seconds from submission to each output token."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
-    request = Request(request_id, None, prompt, params, engine.loaded.eos_token_ids, time.monotonic())
     start = time.perf_counter()
-    stamps = [time.perf_counter() - start for _ in engine.run(request)]
+    engine.add_request(request_id, Prompt(None, prompt), params)
+    stamps = []
+    while engine.has_unfinished_requests():
+        stamps.extend(time.perf_counter() - start for _ in engine.step())
     return stamps
 
 

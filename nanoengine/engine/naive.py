@@ -8,6 +8,7 @@ as oracles: every faster engine must produce the same tokens.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -18,13 +19,14 @@ from nanoengine.attention.metadata import build_attention_metadata
 from nanoengine.attention.registry import AttentionFn, default_backend, get_attention_backend
 from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
 from nanoengine.cache.kv_cache_manager import KVCacheManager
-from nanoengine.engine.detokenizer import IncrementalDetokenizer
-from nanoengine.engine.stop_checker import check_token_stop, find_stop_string
+from nanoengine.engine.inputs import Prompt
+from nanoengine.engine.output_processor import OutputProcessor
 from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel
-from nanoengine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from nanoengine.outputs import RequestOutput
 from nanoengine.request import Request, RequestStatus
 from nanoengine.sampling import sample_next_tokens
+from nanoengine.sampling_params import SamplingParams
 
 # Maps the last position's logits ([vocab], float32) to the next token id.
 NextToken = Callable[[torch.Tensor], int]
@@ -119,13 +121,16 @@ KV_CACHES = ("none", "contiguous", "paged")
 
 
 class NaiveEngine:
-    """Runs requests one at a time, start to finish (lessons 01–04's engine behind ``LLM``).
+    """Runs requests one at a time, start to finish: lessons 01–04's engine.
 
-    ``kv_cache`` picks the loop: ``"none"`` recomputes everything (lesson 01),
-    ``"contiguous"`` reserves a cache per request (lesson 02), ``"paged"`` takes blocks of
-    ``block_size`` tokens from a pool sized for one ``max_model_len`` sequence (lessons 03–04).
-    Unseeded requests draw from one engine generator seeded at start, so a script's outputs
-    are reproducible run to run.
+    It has the engine interface ``LLM`` drives (``add_request`` / ``step`` /
+    ``abort_request`` / ``has_unfinished_requests``), each step producing one token of the
+    request at the head of the queue, so a lesson can put it under ``LLM`` in place of
+    lesson 06's batching engine. ``kv_cache`` picks the loop: ``"none"`` recomputes
+    everything (lesson 01), ``"contiguous"`` reserves a cache per request (lesson 02),
+    ``"paged"`` takes blocks of ``block_size`` tokens from a pool sized for one
+    ``max_model_len`` sequence (lessons 03–04). Unseeded requests draw from one engine
+    generator seeded at start, so a script's outputs are reproducible run to run.
     """
 
     def __init__(self, loaded: LoadedModel, kv_cache: str = "contiguous", block_size: int = 16, seed: int = 0) -> None:
@@ -134,6 +139,8 @@ class NaiveEngine:
         self.loaded = loaded
         self.kv_cache = kv_cache
         self.generator = torch.Generator().manual_seed(seed)
+        self.queue: collections.deque[Request] = collections.deque()
+        self.current: tuple[Request, OutputProcessor, Iterator[int]] | None = None
         if kv_cache == "paged":
             config = loaded.hf_config
             num_blocks = -(-loaded.max_model_len // block_size)
@@ -162,58 +169,47 @@ class NaiveEngine:
         )
         return kv_cache_decode(model, request.prompt_token_ids, next_token, cache)
 
-    def run(self, request: Request) -> Iterator[RequestOutput]:
-        """Generate ``request`` to the end, yielding its cumulative output after every token."""
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None) -> None:
+        self.queue.append(Request(
+            request_id=request_id,
+            prompt=prompt.text,
+            prompt_token_ids=prompt.token_ids,
+            params=params,
+            eos_token_ids=self.loaded.eos_token_ids,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+        ))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.current is not None or bool(self.queue)
+
+    def abort_request(self, request_id: str) -> None:
+        if self.current is not None and self.current[0].request_id == request_id:
+            self.current[0].status = RequestStatus.FINISHED_ABORTED
+            self.current[2].close()
+            self.current = None
+        else:
+            self.queue = collections.deque(r for r in self.queue if r.request_id != request_id)
+
+    def _start(self, request: Request) -> tuple[Request, OutputProcessor, Iterator[int]]:
         params = request.params
         generator = self.generator if params.seed is None else torch.Generator().manual_seed(params.seed)
-        detokenizer = (
-            IncrementalDetokenizer(self.loaded.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
-            if params.detokenize
-            else None
-        )
 
         def next_token(logits: torch.Tensor) -> int:
             return sample_next_tokens(logits[None], [params], [generator], [request.banned_token_ids()])[0]
 
         request.status = RequestStatus.RUNNING
-        text = ""
-        stream = self._token_stream(request, next_token)
-        for token in stream:
-            request.output_token_ids.append(token)
-            request.first_token_time = request.first_token_time or time.monotonic()
-            stopped = check_token_stop(request, self.loaded.max_model_len)
-            if detokenizer is not None:
-                delta = detokenizer.add(token) + (detokenizer.flush() if stopped else "")
-                text = detokenizer.text
-                if params.stop and request.status != RequestStatus.FINISHED_STOPPED and len(request.output_token_ids) >= params.min_tokens:
-                    match = find_stop_string(text, len(delta), params.stop, params.include_stop_str_in_output)
-                    if match is not None:
-                        request.stop_reason, cut = match
-                        request.status = RequestStatus.FINISHED_STOPPED
-                        text = text[:cut]
-            if request.status.finished:
-                request.finished_time = time.monotonic()
-            yield make_request_output(request, text)
-            if request.status.finished:
-                stream.close()  # frees a paged request's blocks now, not when garbage-collected
-                return
+        processor = OutputProcessor(request, self.loaded.tokenizer, self.loaded.max_model_len)
+        return request, processor, self._token_stream(request, next_token)
 
-
-def make_request_output(request: Request, text: str) -> RequestOutput:
-    """The user-facing snapshot of a request (copies, so later tokens do not leak into it)."""
-    completion = CompletionOutput(
-        index=0,
-        text=text,
-        token_ids=list(request.output_token_ids),
-        finish_reason=request.finish_reason,
-        stop_reason=request.stop_reason,
-    )
-    return RequestOutput(
-        request_id=request.request_id,
-        prompt=request.prompt,
-        prompt_token_ids=list(request.prompt_token_ids),
-        prompt_logprobs=None,
-        outputs=[completion],
-        finished=request.status.finished,
-        metrics=RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time),
-    )
+    def step(self) -> list[RequestOutput]:
+        """One more token of the request at the head of the queue."""
+        if self.current is None:
+            if not self.queue:
+                return []
+            self.current = self._start(self.queue.popleft())
+        _, processor, stream = self.current
+        output = processor.process_token(next(stream))
+        if output.finished:
+            stream.close()  # frees a paged request's blocks now, not when garbage-collected
+            self.current = None
+        return [output]

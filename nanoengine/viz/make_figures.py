@@ -1,7 +1,8 @@
 """``python -m nanoengine.viz.make_figures``: regenerate every figure in ``figures/``.
 
 Inputs are fixed (the bundled model's config, recorded benchmark JSON in ``docs/bench/``,
-the example paging trace of :mod:`nanoengine.viz.examples`), so a rerun gives byte-identical files.
+the example paging trace of :mod:`nanoengine.viz.examples`, the kernel's default launch
+shape), so a rerun gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nanoengine.viz import (  # noqa: E402
     block_pool_grid,
     block_tables,
     example_paging_trace,
+    kernel_thread_mapping,
     kv_cache_speed,
     model_anatomy,
     paged_vs_contiguous,
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     memory = _bench("l03_kv_memory")
     if memory:
         written.append(save_figure(paged_vs_contiguous(memory), args.out / "paged_vs_contiguous.png"))
+    written.append(save_figure(kernel_thread_mapping(), args.out / "kernel_thread_mapping.png"))
     for path in written:
         print(path)
     return 0

@@ -1,0 +1,40 @@
+"""What crosses from the scheduler to the worker: plain, picklable records (no tensors)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from nanoengine.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step.
+
+    The worker computes ``token_ids`` at positions ``num_computed_tokens ..`` using the
+    blocks in ``block_table``; when ``sample`` is true (the chunk reaches the end of the
+    sequence) it also samples the next token, never one of ``banned_token_ids``.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_table: list[int]
+    sample: bool
+    params: SamplingParams
+    banned_token_ids: list[int]
+
+
+@dataclasses.dataclass(slots=True)
+class SchedulerOutput:
+    """A step's plan. ``finished_request_ids``: requests gone since the last step (the
+    worker drops their sampling state); ``preempted_request_ids``: sent back to waiting."""
+
+    step: int
+    scheduled: list[ScheduledRequest]
+    preempted_request_ids: list[str]
+    finished_request_ids: list[str]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)

@@ -1,0 +1,152 @@
+"""Continuous batching (lesson 06) with chunked prefill (lesson 07) and preemption.
+
+Every step the scheduler fills a token budget. Running requests go first, oldest first:
+a decode costs one token, an unfinished prompt costs its next chunk. Then waiting requests
+are admitted, oldest first, while budget, ``max_num_seqs`` and free blocks last. Requests
+join and leave between any two steps; nobody waits for a whole batch to finish.
+
+When the pool runs out of blocks for a running request, the newest running request is
+*preempted*: its blocks are freed and it goes back to the front of the waiting queue, to be
+recomputed from its tokens (prompt + output so far) when memory frees up.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from nanoengine.cache.kv_cache_manager import KVCacheManager
+from nanoengine.request import Request, RequestStatus
+from nanoengine.scheduler.output import ScheduledRequest, SchedulerOutput
+from nanoengine.trace import Trace
+
+
+class Scheduler:
+    """Waiting and running queues over a KV cache manager.
+
+    Invariants: every live request is in exactly one of ``waiting`` / ``running``; a running
+    request owns blocks for all its computed tokens, a waiting one owns none (preemption
+    frees them all); a step never schedules more than ``token_budget`` tokens or more than
+    ``max_num_seqs`` requests.
+    """
+
+    def __init__(
+        self,
+        kv_cache_manager: KVCacheManager,
+        token_budget: int,
+        max_num_seqs: int,
+        enable_chunked_prefill: bool = True,
+        trace: Trace | None = None,
+    ) -> None:
+        self.kv = kv_cache_manager
+        self.token_budget = token_budget
+        self.max_num_seqs = max_num_seqs
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.trace = trace
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.step = 0
+        self._finished_since_last_step: list[str] = []
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+        self._record("arrive", request.request_id, token_ids=request.prompt_token_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step."""
+        budget = self.token_budget
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        # BEGIN SOLUTION L06.T1
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(
+                request.request_id, request.all_token_ids[: request.num_computed_tokens + num_new]
+            ):
+                victim = self.running.pop()  # the newest running request gives its blocks back
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+                index += 1
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            num_new = request.num_tokens - request.num_computed_tokens
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.kv.allocate_slots(request.request_id, request.all_token_ids[:num_new]):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        # END SOLUTION
+        output = SchedulerOutput(self.step, scheduled, preempted, self._finished_since_last_step)
+        self._finished_since_last_step = []
+        for s in scheduled:
+            self._record("schedule", s.request_id, token_ids=s.token_ids, first_position=s.num_computed_tokens)
+        self.step += 1
+        if self.trace is not None:
+            self.trace.next_step()
+        return output
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start : start + num_new],
+            num_computed_tokens=start,
+            block_table=list(self.kv.block_table(request.request_id)),
+            sample=start + num_new == request.num_tokens,
+            params=request.params,
+            banned_token_ids=request.banned_token_ids(),
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+        self._record("preempt", request.request_id)
+
+    def update_after_step(self, output: SchedulerOutput) -> None:
+        """The step ran: its scheduled tokens are now in the cache."""
+        for s in output.scheduled:
+            self.requests[s.request_id].num_computed_tokens += len(s.token_ids)
+
+    def finish_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_STOPPED) -> None:
+        """Remove a finished or aborted request and free its blocks (a no-op if already gone)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        if request_id in self.kv.tables:
+            self.kv.free(request_id)
+        if not request.status.finished:
+            request.status = status
+        self._finished_since_last_step.append(request_id)
+        self._record("finish", request_id)
+
+    def _record(self, kind: str, request_id: str, token_ids=(), first_position: int = 0) -> None:
+        if self.trace is not None:
+            self.trace.record(kind, request_id, token_ids=token_ids, first_position=first_position)
