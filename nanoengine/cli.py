@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from nanoengine.bench import kv_memory, latency
+from nanoengine.bench import kv_memory, latency, throughput
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -49,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     latency.add_parser(bench_commands)
     kv_memory.add_parser(bench_commands)
+    throughput.add_parser(bench_commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

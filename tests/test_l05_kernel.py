@@ -185,7 +185,7 @@ def test_registry_picks_the_reference_on_cpu_and_the_kernel_on_gpu():
     from nanoengine.attention import torch_paged
     from nanoengine.attention.registry import default_backend, get_attention_backend
 
-    assert default_backend(torch.device("cpu")) == "torch"
+    assert default_backend(torch.device("cpu")) == "torch_batched"
     assert default_backend(torch.device("cuda")) == "numba_cuda"
     assert get_attention_backend("torch") is torch_paged.paged_attention
     with pytest.raises(ValueError, match="unknown attention backend"):

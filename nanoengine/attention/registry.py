@@ -15,6 +15,7 @@ import torch
 # backend name -> (module under nanoengine.attention, function)
 _BACKENDS = {
     "torch": ("torch_paged", "paged_attention"),
+    "torch_batched": ("torch_batched", "paged_attention"),
     "numba_cuda": ("numba_cuda", "paged_attention"),
 }
 
@@ -26,9 +27,9 @@ def backend_names() -> list[str]:
 
 
 def default_backend(device: torch.device) -> str:
-    """The numba.cuda kernel on a GPU; the PyTorch reference elsewhere (the CUDA simulator
+    """The numba.cuda kernel on a GPU; on a CPU the batched PyTorch path (the CUDA simulator
     runs Python per thread: right for tests, far too slow to serve)."""
-    return "numba_cuda" if device.type == "cuda" else "torch"
+    return "numba_cuda" if device.type == "cuda" else "torch_batched"
 
 
 def get_attention_backend(name: str) -> AttentionFn:

@@ -57,21 +57,28 @@ def write_kv(
     # END SOLUTION
 
 
+def attend_sequence(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, i: int,
+    scale: float, out: torch.Tensor,
+) -> None:
+    """Sequence ``i``'s query rows attend over its cached K/V, read through its block table."""
+    # BEGIN SOLUTION L04.T2
+    start, end = metadata.query_start_loc[i], metadata.query_start_loc[i + 1]
+    seq_len = metadata.seq_lens[i]
+    blocks = metadata.block_tables[i, : math.ceil(seq_len / metadata.block_size)]
+    k = k_cache[blocks].flatten(0, 1)[:seq_len]
+    v = v_cache[blocks].flatten(0, 1)[:seq_len]
+    out[start:end] = causal_attention(q[start:end], k, v, scale, q_offset=seq_len - (end - start))
+    # END SOLUTION
+
+
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Attention of every query row over its own sequence's cached K/V (``[T, Hq, D]``)."""
     out = torch.empty_like(q)
-    block_size = metadata.block_size
-    starts = metadata.query_start_loc
-    for i, seq_len in enumerate(metadata.seq_lens):
-        # BEGIN SOLUTION L04.T2
-        start, end = starts[i], starts[i + 1]
-        blocks = metadata.block_tables[i, : math.ceil(seq_len / block_size)]
-        k = k_cache[blocks].flatten(0, 1)[:seq_len]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len]
-        out[start:end] = causal_attention(q[start:end], k, v, scale, q_offset=seq_len - (end - start))
-        # END SOLUTION
+    for i in range(metadata.num_seqs):
+        attend_sequence(q, k_cache, v_cache, metadata, i, scale, out)
     return out
 
 

@@ -23,3 +23,16 @@ def realistic_lengths(num_requests: int, max_model_len: int, seed: int = 0) -> l
         prompt = min(prompt, max_model_len - 1)
         lengths.append((prompt, min(output, max_model_len - prompt)))
     return lengths
+
+
+def random_lengths(num_requests: int, input_len: int, output_len: int, range_ratio: float, seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt, output) lengths drawn uniformly from ``[len * (1 - r), len * (1 + r)]``, as
+    vLLM's random dataset does; ``range_ratio`` 0 gives every request the same lengths."""
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"range_ratio must be in [0, 1); got {range_ratio}")
+    rng = random.Random(seed)
+
+    def draw(length: int) -> int:
+        return rng.randint(max(1, round(length * (1 - range_ratio))), max(1, round(length * (1 + range_ratio))))
+
+    return [(draw(input_len), draw(output_len)) for _ in range(num_requests)]

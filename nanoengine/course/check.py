@@ -6,6 +6,7 @@ the clone a learner installed with ``pip install -e``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nanoengine
@@ -43,7 +44,13 @@ def check(marker: str, verbose: bool = False) -> bool:
             "-p", "no:cacheprovider", "-q", "--no-header"]
     if not verbose:
         args += ["--tb=line", "-o", "console_output_style=classic"]
-    code = pytest.main(args, plugins=[collector])
+    engine_log = logging.getLogger("nanoengine")
+    level = engine_log.level
+    engine_log.setLevel(logging.WARNING)  # the engines the tests build would each log their KV size
+    try:
+        code = pytest.main(args, plugins=[collector])
+    finally:
+        engine_log.setLevel(level)
     if code == pytest.ExitCode.NO_TESTS_COLLECTED:
         print(f"no tests are marked {marker!r}")
         return False

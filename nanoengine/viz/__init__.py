@@ -6,16 +6,19 @@ Same input, same pixels: nothing here reads a clock or a random source, and
 
 from nanoengine.viz.anatomy import model_anatomy, parameter_counts
 from nanoengine.viz.animation import allocation_animation, explore
-from nanoengine.viz.bench_plots import kv_cache_speed
+from nanoengine.viz.bench_plots import batching_throughput, chunk_size_tradeoff, kv_cache_speed
 from nanoengine.viz.block_pool import block_pool_grid, block_tables, slot_states, trace_colors
-from nanoengine.viz.examples import example_paging_manager, example_paging_trace
+from nanoengine.viz.examples import example_paging_manager, example_paging_trace, example_scheduler_trace
+from nanoengine.viz.gantt import gantt_states, scheduler_gantt
 from nanoengine.viz.kernel import kernel_thread_mapping
 from nanoengine.viz.memory import paged_vs_contiguous
 from nanoengine.viz.style import save_figure
 from nanoengine.viz.timeline import token_timeline
 
 __all__ = [
-    "allocation_animation", "block_pool_grid", "block_tables", "example_paging_manager", "example_paging_trace",
-    "explore", "kernel_thread_mapping", "kv_cache_speed", "model_anatomy", "paged_vs_contiguous", "parameter_counts",
-    "save_figure", "slot_states", "token_timeline", "trace_colors",
+    "allocation_animation", "batching_throughput", "block_pool_grid", "block_tables", "chunk_size_tradeoff",
+    "example_paging_manager", "example_paging_trace",
+    "example_scheduler_trace", "explore", "gantt_states", "kernel_thread_mapping", "kv_cache_speed", "model_anatomy",
+    "paged_vs_contiguous", "parameter_counts", "save_figure", "scheduler_gantt", "slot_states", "token_timeline",
+    "trace_colors",
 ]

@@ -1,8 +1,8 @@
 """``python -m nanoengine.viz.make_figures``: regenerate every figure in ``figures/``.
 
 Inputs are fixed (the bundled model's config, recorded benchmark JSON in ``docs/bench/``,
-the example paging trace of :mod:`nanoengine.viz.examples`, the kernel's default launch
-shape), so a rerun gives byte-identical files.
+the example paging and scheduler traces of :mod:`nanoengine.viz.examples`, the kernel's
+default launch shape), so a rerun gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -18,14 +18,18 @@ matplotlib.use("Agg")
 from nanoengine.model import load_hf_config  # noqa: E402
 from nanoengine.trace import replay  # noqa: E402
 from nanoengine.viz import (  # noqa: E402
+    batching_throughput,
     block_pool_grid,
     block_tables,
+    chunk_size_tradeoff,
     example_paging_trace,
+    example_scheduler_trace,
     kernel_thread_mapping,
     kv_cache_speed,
     model_anatomy,
     paged_vs_contiguous,
     save_figure,
+    scheduler_gantt,
     token_timeline,
     trace_colors,
 )
@@ -60,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     if memory:
         written.append(save_figure(paged_vs_contiguous(memory), args.out / "paged_vs_contiguous.png"))
     written.append(save_figure(kernel_thread_mapping(), args.out / "kernel_thread_mapping.png"))
+    written.append(save_figure(scheduler_gantt(*example_scheduler_trace()), args.out / "scheduler_gantt.png"))
+    static, continuous = _bench("l06_static"), _bench("l06_continuous")
+    if static and continuous:
+        written.append(save_figure(batching_throughput(static, continuous), args.out / "continuous_vs_static.png"))
+    budgets = [r for r in (_bench(f"l07_budget_{b}") for b in (64, 256, 2048)) if r]
+    if budgets:
+        written.append(save_figure(chunk_size_tradeoff(budgets), args.out / "chunked_prefill_tradeoff.png"))
     for path in written:
         print(path)
     return 0

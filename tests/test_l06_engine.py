@@ -1,0 +1,132 @@
+"""Lessons 06–07 through the engine on the tiny zoo: a request's output does not depend on
+what else is in the batch, on the chunk size, or on being preempted."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nanoengine.config import CacheConfig, SchedulerConfig
+from nanoengine.engine.inputs import Prompt
+from nanoengine.engine.llm_engine import LLMEngine
+from nanoengine.engine.naive import NaiveEngine
+from nanoengine.sampling_params import SamplingParams
+
+# These run the scheduler and the model runner together: task L06.T2 (and T1).
+pytestmark = [pytest.mark.l06, pytest.mark.l06_t2]
+
+NAME = "llama-gqa"
+BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, head_dim 16, float32
+
+
+def _engine(loaded, num_tokens=4096, block_size=4, max_num_seqs=8, budget=None, chunked=True):
+    return LLMEngine(
+        loaded,
+        CacheConfig(block_size=block_size, kv_cache_memory_bytes=num_tokens * BYTES_PER_TOKEN),
+        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, enable_chunked_prefill=chunked),
+    )
+
+
+def _drive(engine, arrivals):
+    """``arrivals``: (step, request_id, prompt ids, params); returns final token ids per request."""
+    finished, step, pending = {}, 0, sorted(arrivals, key=lambda a: a[0])
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            _, request_id, prompt, params = pending.pop(0)
+            engine.add_request(request_id, Prompt(None, prompt), params)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+        step += 1
+        assert step < 5000, "the engine stopped making progress"
+    return finished
+
+
+def _alone(loaded, prompt, params):
+    naive = NaiveEngine(loaded, kv_cache="contiguous")
+    naive.add_request("alone", Prompt(None, prompt), params)
+    outputs = []
+    while naive.has_unfinished_requests():
+        outputs += naive.step()
+    return outputs[-1].outputs[0].token_ids
+
+
+requests = st.lists(
+    st.tuples(
+        st.integers(0, 6),  # arrival step
+        st.lists(st.integers(1, 319), min_size=1, max_size=40),
+        st.integers(1, 20),  # max_tokens
+        st.sampled_from([None, 11]),  # greedy, or seeded sampling
+    ),
+    min_size=1, max_size=5,
+)
+
+
+def _arrivals(drawn):
+    return [
+        (step, f"r{i}", prompt, SamplingParams(temperature=0.0 if seed is None else 0.9, seed=seed,
+                                               max_tokens=n, min_tokens=n))
+        for i, (step, prompt, n, seed) in enumerate(drawn)
+    ]
+
+
+@given(drawn=requests, budget=st.sampled_from([None, 8, 13]))
+def test_batched_and_chunked_equal_alone(drawn, budget, ours):
+    loaded = ours(NAME)
+    arrivals = _arrivals(drawn)
+    finished = _drive(_engine(loaded, budget=budget), arrivals)
+    for _, request_id, prompt, params in arrivals:
+        assert finished[request_id] == _alone(loaded, prompt, params), f"{request_id} differs when batched"
+
+
+@pytest.mark.l07
+@given(drawn=requests)
+def test_without_chunked_prefill_equals_alone(drawn, ours):
+    loaded = ours(NAME)
+    arrivals = _arrivals(drawn)
+    finished = _drive(_engine(loaded, chunked=False), arrivals)
+    for _, request_id, prompt, params in arrivals:
+        assert finished[request_id] == _alone(loaded, prompt, params)
+
+
+@given(drawn=st.lists(st.tuples(st.just(0), st.lists(st.integers(1, 319), min_size=50, max_size=70),
+                                st.integers(30, 50), st.sampled_from([None, 11])), min_size=4, max_size=6))
+def test_preemption_changes_nothing(drawn, ours):
+    loaded = ours(NAME)
+    arrivals = _arrivals(drawn)
+    # 256 slots; four requests grow to at least 4 x 80 = 320 tokens, so someone must be preempted
+    engine = _engine(loaded, num_tokens=256, block_size=4)
+    finished = _drive(engine, arrivals)
+    assert engine.scheduler.num_preemptions > 0, "the test must force preemption"
+    for _, request_id, prompt, params in arrivals:
+        assert finished[request_id] == _alone(loaded, prompt, params)
+    assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.pool.num_blocks
+
+
+def test_abort_frees_blocks_at_once(ours):
+    engine = _engine(ours(NAME))
+    for i in range(3):
+        engine.add_request(str(i), Prompt(None, [5] * 20), SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    engine.abort_request("1")
+    assert "1" not in engine.kv_cache_manager.tables
+    while engine.has_unfinished_requests():
+        assert all(o.request_id != "1" for o in engine.step())
+    assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.pool.num_blocks
+
+
+def test_a_cache_smaller_than_one_sequence_is_refused(ours):
+    with pytest.raises(ValueError, match="less than max_model_len"):
+        _engine(ours(NAME), num_tokens=100)
+
+
+def test_llm_reports_metrics_and_keeps_prompt_order(llm_for):
+    llm = llm_for(NAME)
+    outs = llm.generate([{"prompt_token_ids": [4] * n} for n in (30, 3, 12)],
+                        SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert [len(o.prompt_token_ids) for o in outs] == [30, 3, 12]
+    for out in outs:
+        m = out.metrics
+        assert m.arrival_time <= m.first_token_time <= m.finished_time
