@@ -54,8 +54,10 @@ def test_every_lesson_has_its_handout():
 
 
 def test_plain_python_layers_do_not_import_torch():
-    """cache/ and request.py decide who gets memory; they must stay tensor-free (DESIGN.md)."""
-    code = ("import sys, nanoengine.request, nanoengine.cache.contiguous; "
+    """scheduler/, cache/, trace.py and request.py decide what runs and who gets memory; they
+    stay tensor-free (DESIGN.md), so they can be tested and taught without torch."""
+    code = ("import sys, nanoengine.request, nanoengine.trace, nanoengine.cache.contiguous, "
+            "nanoengine.cache.kv_cache_manager, nanoengine.scheduler, nanoengine.scheduler.simulate; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
