@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from nanoengine.request import Request
 from nanoengine.sampling_params import SamplingParams
 
 
@@ -65,3 +67,17 @@ def params_per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams]
     if len(params) != count or not all(isinstance(p, SamplingParams) for p in params):
         raise ValueError(f"sampling_params must be one SamplingParams or a list of {count} of them (one per prompt)")
     return params
+
+
+def make_request(
+    request_id: str, prompt: Prompt, params: SamplingParams, eos_token_ids: frozenset[int], arrival_time: float | None
+) -> Request:
+    """The engine-side request for a checked prompt (arriving now unless told otherwise)."""
+    return Request(
+        request_id=request_id,
+        prompt=prompt.text,
+        prompt_token_ids=prompt.token_ids,
+        params=params,
+        eos_token_ids=eos_token_ids,
+        arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+    )

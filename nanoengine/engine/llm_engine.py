@@ -9,20 +9,19 @@ frees finished requests' blocks at once.
 from __future__ import annotations
 
 import logging
-import time
 
 from nanoengine.attention.registry import default_backend, get_attention_backend
 from nanoengine.attention.torch_paged import PagedKVCache
 from nanoengine.cache.contiguous import kv_bytes_per_token
 from nanoengine.cache.kv_cache_manager import KVCacheManager, num_blocks_for_budget
 from nanoengine.config import CacheConfig, SchedulerConfig
-from nanoengine.engine.inputs import Prompt
+from nanoengine.engine.inputs import Prompt, make_request
 from nanoengine.engine.output_processor import OutputProcessor
 from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel
 from nanoengine.outputs import RequestOutput
 from nanoengine.platform import available_memory_bytes
-from nanoengine.request import Request, RequestStatus
+from nanoengine.request import RequestStatus
 from nanoengine.sampling_params import SamplingParams
 from nanoengine.scheduler import Scheduler
 from nanoengine.trace import Trace
@@ -94,14 +93,7 @@ class LLMEngine:
         )
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None) -> None:
-        request = Request(
-            request_id=request_id,
-            prompt=prompt.text,
-            prompt_token_ids=prompt.token_ids,
-            params=params,
-            eos_token_ids=self.loaded.eos_token_ids,
-            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-        )
+        request = make_request(request_id, prompt, params, self.loaded.eos_token_ids, arrival_time)
         self.scheduler.add_request(request)
         self.processors[request_id] = OutputProcessor(request, self.loaded.tokenizer, self.loaded.max_model_len)
 

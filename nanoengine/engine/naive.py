@@ -9,7 +9,6 @@ as oracles: every faster engine must produce the same tokens.
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -19,7 +18,7 @@ from nanoengine.attention.metadata import build_attention_metadata
 from nanoengine.attention.registry import AttentionFn, default_backend, get_attention_backend
 from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
 from nanoengine.cache.kv_cache_manager import KVCacheManager
-from nanoengine.engine.inputs import Prompt
+from nanoengine.engine.inputs import Prompt, make_request
 from nanoengine.engine.output_processor import OutputProcessor
 from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel
@@ -170,14 +169,7 @@ class NaiveEngine:
         return kv_cache_decode(model, request.prompt_token_ids, next_token, cache)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None) -> None:
-        self.queue.append(Request(
-            request_id=request_id,
-            prompt=prompt.text,
-            prompt_token_ids=prompt.token_ids,
-            params=params,
-            eos_token_ids=self.loaded.eos_token_ids,
-            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-        ))
+        self.queue.append(make_request(request_id, prompt, params, self.loaded.eos_token_ids, arrival_time))
 
     def has_unfinished_requests(self) -> bool:
         return self.current is not None or bool(self.queue)
