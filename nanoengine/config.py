@@ -1,8 +1,9 @@
 """Engine configuration: frozen, validated records built once from the user's arguments.
 
 Every check happens in ``__post_init__`` so that a bad argument fails at ``LLM(...)`` with a
-message naming the argument, before any weights are read. :class:`EngineConfig` groups the
-model, cache and scheduler sub-configs (later lessons add parallel ones).
+message naming the argument, before any weights are read. The engine is built from a
+:class:`ModelConfig`, a :class:`CacheConfig` and a :class:`SchedulerConfig` (later lessons
+add parallel ones).
 """
 
 from __future__ import annotations
@@ -107,15 +108,6 @@ class SchedulerConfig:
                 )
             return self.max_num_batched_tokens
         return max(2048, self.max_num_seqs) if self.enable_chunked_prefill else max(max_model_len, self.max_num_seqs)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """Everything the engine is built from."""
-
-    model: ModelConfig
-    cache: CacheConfig
-    scheduler: SchedulerConfig
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

@@ -181,7 +181,7 @@ def test_kernel_on_a_gpu_at_a_realistic_size(dtype):
     torch.testing.assert_close(out.cpu().double(), _dense_reference(**case), atol=tol, rtol=tol)
 
 
-def test_registry_picks_the_reference_on_cpu_and_the_kernel_on_gpu():
+def test_registry_picks_the_batched_path_on_cpu_and_the_kernel_on_gpu():
     from nanoengine.attention import torch_paged
     from nanoengine.attention.registry import default_backend, get_attention_backend
 

@@ -77,7 +77,7 @@ def test_without_chunking_a_prompt_waits_until_it_fits_whole():
     budget=st.integers(4, 24),
     num_blocks=st.integers(12, 40),
 )
-def test_at_most_one_unfinished_prompt_chunk_persimulate_step(arrivals, budget, num_blocks):
+def test_at_most_one_unfinished_prompt_chunk_per_step(arrivals, budget, num_blocks):
     scheduler = Scheduler(KVCacheManager(num_blocks, block_size=4), token_budget=budget, max_num_seqs=4)
     pending, step = sorted((t, f"r{i}", p, o) for i, (t, p, o) in enumerate(arrivals)), 0
     while pending or scheduler.has_unfinished_requests():
