@@ -14,8 +14,9 @@ from nanoengine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from nanoengine.llm import LLM
+    from nanoengine.sampling.beam_search import BeamSearchParams
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
 
 init_logger()
@@ -26,4 +27,8 @@ def __getattr__(name: str):
         from nanoengine.llm import LLM
 
         return LLM
+    if name == "BeamSearchParams":
+        from nanoengine.sampling.beam_search import BeamSearchParams
+
+        return BeamSearchParams
     raise AttributeError(f"module 'nanoengine' has no attribute {name!r}")

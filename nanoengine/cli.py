@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanoengine.bench import kv_memory, latency, throughput
+from nanoengine.bench import kv_memory, latency, prefix_cache, throughput
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_parser(bench_commands)
     kv_memory.add_parser(bench_commands)
     throughput.add_parser(bench_commands)
+    prefix_cache.add_parser(bench_commands)
     return parser
 
 

@@ -59,18 +59,22 @@ class CacheConfig:
 
     ``kv_cache_memory_bytes`` wins when given; otherwise the engine takes
     ``gpu_memory_utilization`` of the GPU's memory (minus the weights), or on a CPU
-    ``CPU_KV_SHARE`` of the RAM available at start-up.
+    ``CPU_KV_SHARE`` of the RAM available at start-up. ``enable_prefix_caching``: full
+    blocks stay cached for later requests with the same prefix (lesson 08).
     """
 
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _positive_int("block_size", self.block_size)
         _positive_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool; got {self.enable_prefix_caching!r}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -16,22 +16,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nanoengine.config import CacheConfig, ModelConfig, SchedulerConfig
-from nanoengine.engine.inputs import params_per_prompt, parse_prompts
+from nanoengine.engine.inputs import check_params_for_model, params_per_prompt, parse_prompts
 from nanoengine.engine.llm_engine import LLMEngine
 from nanoengine.model import load_model
 from nanoengine.outputs import RequestOutput
+from nanoengine.sampling.beam_search import (
+    BeamSearchOutput, BeamSearchParams, BeamSearchSequence, best_beams, expand_beams,
+)
 from nanoengine.sampling_params import SamplingParams
-
-# What lesson 09 (issue N4) adds to the sampler; refused clearly until then.
-_NOT_YET = {
-    "n": 1,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "logit_bias": None,
-    "logprobs": None,
-    "prompt_logprobs": None,
-}
 
 Conversation = list[dict[str, str]]
 
@@ -56,12 +48,13 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         device: str = "auto",
         trace: bool = False,
     ) -> None:
         self.model_config = ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device)
-        cache = CacheConfig(block_size, kv_cache_memory_bytes, gpu_memory_utilization)
+        cache = CacheConfig(block_size, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching)
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.loaded = load_model(self.model_config)
         self.llm_engine = LLMEngine(self.loaded, cache, scheduler, seed=seed, trace=trace)
@@ -82,7 +75,7 @@ class LLM:
         )
         params = params_per_prompt(sampling_params, len(parsed))
         for p in params:
-            _check_supported(p)
+            check_params_for_model(p, self.loaded.hf_config.vocab_size)
         engine = self.llm_engine
         request_ids = [str(next(self._request_ids)) for _ in parsed]
         for request_id, prompt, p in zip(request_ids, parsed, params):
@@ -96,7 +89,7 @@ class LLM:
                         if output.finished:
                             finished[output.request_id] = output
                             prompt_tokens += len(output.prompt_token_ids)
-                            output_tokens += len(output.outputs[0].token_ids)
+                            output_tokens += sum(len(c.token_ids) for c in output.outputs)
                             elapsed = time.perf_counter() - started
                             bar.set_postfix_str(
                                 f"est. speed input: {prompt_tokens / elapsed:.1f} toks/s, "
@@ -133,11 +126,44 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer(text, add_special_tokens=False)["input_ids"]})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def beam_search(
+        self, prompts: str | dict | Sequence[str | dict], params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """The ``beam_width`` best continuations of each prompt (lesson 09), best first.
 
-def _check_supported(params: SamplingParams) -> None:
-    for name, default in _NOT_YET.items():
-        if getattr(params, name) != default:
-            raise ValueError(
-                f"SamplingParams.{name}={getattr(params, name)!r} is not supported by this engine yet "
-                "(it arrives with lesson 09); leave it at its default"
-            )
+        Each step generates one token with ``2 * beam_width`` logprobs for every live beam of
+        every prompt, as one batch; the prefix cache spares recomputing the beams' shared
+        blocks. A beam that reaches ``max_model_len`` stops there ("length").
+        """
+        tokenizer, max_len = self.loaded.tokenizer, self.loaded.max_model_len
+        parsed = parse_prompts(prompts, tokenizer, self.loaded.hf_config.vocab_size, max_len)
+        eos = self.loaded.eos_token_ids
+        step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature,
+                                     ignore_eos=True, detokenize=False)
+        live = [[BeamSearchSequence(list(p.token_ids))] for p in parsed]
+        done: list[list[BeamSearchSequence]] = [[] for _ in parsed]
+        for _ in tqdm(range(params.max_tokens), desc="Beam search", disable=not use_tqdm):
+            for i, beams in enumerate(live):
+                done[i] += [b for b in beams if len(b.tokens) >= max_len]
+                live[i] = [b for b in beams if len(b.tokens) < max_len]
+            flat = [beam for beams in live for beam in beams]
+            if not flat:
+                break
+            outputs = iter(self.generate([{"prompt_token_ids": b.tokens} for b in flat], step_params, use_tqdm=False))
+            for i, beams in enumerate(live):
+                proposals = [next(outputs).outputs[0].logprobs[0] for _ in beams]
+                live[i], finished = expand_beams(
+                    beams, proposals, params.beam_width, eos, params.length_penalty, params.ignore_eos
+                )
+                done[i] += finished
+        results = []
+        for prompt, beams, finished in zip(parsed, live, done):
+            best = best_beams(finished + beams, params.beam_width, eos, params.length_penalty)
+            for beam in best:
+                beam.finish_reason = beam.finish_reason or "length"
+                generated = beam.tokens[len(prompt.token_ids) :]
+                if beam.finish_reason == "stop":
+                    generated = generated[:-1]
+                beam.text = tokenizer.decode(generated, skip_special_tokens=True)
+            results.append(BeamSearchOutput(best))
+        return results

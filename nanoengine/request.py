@@ -64,8 +64,37 @@ class Request:
             return max_model_len
         return min(max_model_len, len(self.prompt_token_ids) + self.params.max_tokens)
 
+    def child(self, index: int) -> Request:
+        """Sequence ``index`` of a parallel-sampling request (``n > 1``), forked after the prompt.
+
+        It shares the prompt and what was computed of it; its params ask for one sequence,
+        and a seeded request's children get seeds ``seed + index`` (as vLLM), so the n samples
+        differ and the whole request stays reproducible.
+        """
+        return Request(
+            request_id=child_request_id(self.request_id, index),
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            params=child_params(self.params, index),
+            eos_token_ids=self.eos_token_ids,
+            arrival_time=self.arrival_time,
+            status=self.status,
+            num_computed_tokens=self.num_computed_tokens,
+        )
+
     def banned_token_ids(self) -> list[int]:
         """Tokens that may not be sampled yet: EOS and stop tokens before ``min_tokens``."""
         if len(self.output_token_ids) >= self.params.min_tokens:
             return []
         return sorted(set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else set(self.eos_token_ids)))
+
+
+def child_request_id(parent_id: str, index: int) -> str:
+    """The engine-internal id of sequence ``index`` of request ``parent_id`` (vLLM's form)."""
+    return f"{index}_{parent_id}"
+
+
+def child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The params of sequence ``index`` of a parallel-sampling request."""
+    seed = None if params.seed is None else (params.seed + index) % 2**64
+    return dataclasses.replace(params, n=1, seed=seed, prompt_logprobs=None)  # the parent computed those

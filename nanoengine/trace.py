@@ -14,7 +14,7 @@ import dataclasses
 EVENT_KINDS = (
     "arrive", "schedule", "finish",  # a request's life (lesson 06): token_ids = prompt / computed chunk
     "alloc", "append", "free",  # blocks (lesson 03)
-    "fork", "cow", "hit", "evict",  # sharing (lesson 08)
+    "fork", "cow", "hit", "cache", "evict",  # sharing (lesson 08)
     "preempt", "step",
 )
 
@@ -56,44 +56,75 @@ class Trace:
 
 @dataclasses.dataclass(slots=True)
 class PoolSnapshot:
-    """The pool after some event: who owns each block and which tokens fill it.
+    """The pool after some event: who holds each block and which tokens fill it.
 
-    ``owner[b]`` is a request id or None (free); ``tokens[b]`` the token ids written so far,
-    which fill block ``b`` from its first slot (a block is only ever appended to);
-    ``tables`` each live request's block table.
+    ``owner[b]`` is the request that first took block ``b`` (None: free); ``ref_cnt[b]``
+    how many tables hold it (above 1: shared, lesson 08); ``tokens[b]`` the token ids
+    written so far, which fill it from its first slot (a block is only ever appended to);
+    ``cached[b]``: it caches a prefix, so its tokens outlive its last holder until it is
+    evicted; ``tables`` each live request's block table.
     """
 
     step: int
     owner: list[str | None]
     tokens: list[list[int]]
     tables: dict[str, list[int]]
+    ref_cnt: list[int]
+    cached: list[bool]
 
 
 def replay(trace: Trace) -> list[PoolSnapshot]:
     """The pool state at the end of every step: one snapshot per ``step`` event, and one for
     the step still open if anything happened in it."""
-    owner: list[str | None] = [None] * trace.num_blocks
-    tokens: list[list[int]] = [[] for _ in range(trace.num_blocks)]
+    n = trace.num_blocks
+    owner: list[str | None] = [None] * n
+    tokens: list[list[int]] = [[] for _ in range(n)]
     tables: dict[str, list[int]] = {}
+    ref_cnt, cached = [0] * n, [False] * n
     snapshots = []
 
     def snapshot(step: int) -> PoolSnapshot:
-        return PoolSnapshot(step, list(owner), [list(t) for t in tokens], {r: list(t) for r, t in tables.items()})
+        return PoolSnapshot(
+            step, list(owner), [list(t) for t in tokens], {r: list(t) for r, t in tables.items()}, list(ref_cnt), list(cached)
+        )
+
+    def hold(request_id: str, block_ids) -> None:
+        for b in block_ids:
+            ref_cnt[b] += 1
+            owner[b] = owner[b] or request_id
 
     for event in trace.events:
-        if event.kind == "step":
+        kind, blocks = event.kind, event.block_ids
+        if kind == "step":
             snapshots.append(snapshot(event.step - 1))
-        elif event.kind in ("alloc", "append"):
+        elif kind in ("alloc", "append"):
             table = tables.setdefault(event.request_id, [])
-            table.extend(event.block_ids)
-            for b in event.block_ids:
-                owner[b], tokens[b] = event.request_id, []
+            table.extend(blocks)
+            for b in blocks:
+                owner[b], tokens[b], ref_cnt[b] = event.request_id, [], 1
             for i, token in enumerate(event.token_ids):
                 pos = event.first_position + i
                 tokens[table[pos // trace.block_size]].append(token)
-        elif event.kind == "free":
+        elif kind in ("hit", "fork"):
+            tables.setdefault(event.request_id, []).extend(blocks)
+            hold(event.request_id, blocks)
+        elif kind == "cow":
+            shared, own = blocks
+            table = tables[event.request_id]
+            table[table.index(shared)] = own
+            ref_cnt[shared] -= 1
+            owner[own], tokens[own], ref_cnt[own] = event.request_id, list(tokens[shared]), 1
+        elif kind == "cache":
+            cached[blocks[0]] = True
+        elif kind == "evict":
+            cached[blocks[0]], tokens[blocks[0]] = False, []
+        elif kind == "free":
             for b in tables.pop(event.request_id, []):
-                owner[b], tokens[b] = None, []
+                ref_cnt[b] -= 1
+                if ref_cnt[b] == 0:
+                    owner[b] = None
+                    if not cached[b]:
+                        tokens[b] = []
     if not trace.events or trace.events[-1].kind != "step":
         snapshots.append(snapshot(trace.step))
     return snapshots

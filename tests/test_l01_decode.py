@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 from nanoengine import SamplingParams
 from nanoengine.engine.detokenizer import IncrementalDetokenizer
 from nanoengine.engine.naive import recompute_decode
-from nanoengine.sampling import sample_next_tokens
+from nanoengine.sampling import SamplingRow, sample
 from nanoengine.sampling.processors import apply_min_p, apply_temperature, apply_top_k, apply_top_p
 from tests.conftest import ZOO_NAMES
 from tests.oracles import assert_same_greedy, hf_greedy
@@ -109,8 +109,8 @@ def test_sampler_mixes_greedy_and_random_rows_and_respects_bans():
     logits = torch.randn(3, 50)
     params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=0)]
     banned = [[], [], [int(logits[2].argmax())]]
-    generators = [torch.Generator().manual_seed(i) for i in range(3)]
-    tokens = sample_next_tokens(logits, params, generators, banned)
+    rows = [SamplingRow(p, banned_token_ids=b) for p, b in zip(params, banned)]
+    tokens = sample(logits, rows, torch.Generator().manual_seed(0)).token_ids
     assert tokens[0] == int(logits[0].argmax())
     assert tokens[1] in logits[1].topk(5).indices.tolist()
     assert tokens[2] == int(logits[2].topk(2).indices[1])

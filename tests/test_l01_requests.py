@@ -110,7 +110,8 @@ def test_chat_renders_the_template(llm):
         ({"prompt_token_ids": list(range(256))}, None, "max_model_len is 256"),
         (42, None, "prompts must be"),
         (["a", "b"], [SamplingParams()], "list of 2"),
-        ("a", SamplingParams(n=2), "SamplingParams.n=2 is not supported"),
+        ("a", SamplingParams(n=2), "SamplingParams.n=2: the one-at-a-time NaiveEngine"),
+        ("a", SamplingParams(logit_bias={5000: 1.0}), "logit_bias has token ids outside the vocabulary"),
     ],
 )
 def test_bad_input_is_a_clear_error(llm, prompts, params, message):

@@ -7,49 +7,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nanoengine.config import CacheConfig, SchedulerConfig
 from nanoengine.engine.inputs import Prompt
-from nanoengine.engine.llm_engine import LLMEngine
-from nanoengine.engine.naive import NaiveEngine
 from nanoengine.sampling_params import SamplingParams
+from tests.engines import alone, drive, make_engine
 
 # These run the scheduler and the model runner together: task L06.T2 (and T1).
 pytestmark = [pytest.mark.l06, pytest.mark.l06_t2]
 
 NAME = "llama-gqa"
-BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, head_dim 16, float32
-
-
-def _engine(loaded, num_tokens=4096, block_size=4, max_num_seqs=8, budget=None, chunked=True):
-    return LLMEngine(
-        loaded,
-        CacheConfig(block_size=block_size, kv_cache_memory_bytes=num_tokens * BYTES_PER_TOKEN),
-        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, enable_chunked_prefill=chunked),
-    )
-
-
-def _drive(engine, arrivals):
-    """``arrivals``: (step, request_id, prompt ids, params); returns final token ids per request."""
-    finished, step, pending = {}, 0, sorted(arrivals, key=lambda a: a[0])
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0][0] <= step:
-            _, request_id, prompt, params = pending.pop(0)
-            engine.add_request(request_id, Prompt(None, prompt), params)
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out.outputs[0].token_ids
-        step += 1
-        assert step < 5000, "the engine stopped making progress"
-    return finished
-
-
-def _alone(loaded, prompt, params):
-    naive = NaiveEngine(loaded, kv_cache="contiguous")
-    naive.add_request("alone", Prompt(None, prompt), params)
-    outputs = []
-    while naive.has_unfinished_requests():
-        outputs += naive.step()
-    return outputs[-1].outputs[0].token_ids
 
 
 requests = st.lists(
@@ -72,22 +37,22 @@ def _arrivals(drawn):
 
 
 @given(drawn=requests, budget=st.sampled_from([None, 8, 13]))
-def test_batched_and_chunked_equal_alone(drawn, budget, ours):
+def test_batched_and_chunked_equalalone(drawn, budget, ours):
     loaded = ours(NAME)
     arrivals = _arrivals(drawn)
-    finished = _drive(_engine(loaded, budget=budget), arrivals)
+    finished = drive(make_engine(loaded, budget=budget), arrivals)
     for _, request_id, prompt, params in arrivals:
-        assert finished[request_id] == _alone(loaded, prompt, params), f"{request_id} differs when batched"
+        assert finished[request_id] == alone(loaded, prompt, params), f"{request_id} differs when batched"
 
 
 @pytest.mark.l07
 @given(drawn=requests)
-def test_without_chunked_prefill_equals_alone(drawn, ours):
+def test_without_chunked_prefill_equalsalone(drawn, ours):
     loaded = ours(NAME)
     arrivals = _arrivals(drawn)
-    finished = _drive(_engine(loaded, chunked=False), arrivals)
+    finished = drive(make_engine(loaded, chunked=False), arrivals)
     for _, request_id, prompt, params in arrivals:
-        assert finished[request_id] == _alone(loaded, prompt, params)
+        assert finished[request_id] == alone(loaded, prompt, params)
 
 
 @given(drawn=st.lists(st.tuples(st.just(0), st.lists(st.integers(1, 319), min_size=50, max_size=70),
@@ -96,16 +61,16 @@ def test_preemption_changes_nothing(drawn, ours):
     loaded = ours(NAME)
     arrivals = _arrivals(drawn)
     # 256 slots; four requests grow to at least 4 x 80 = 320 tokens, so someone must be preempted
-    engine = _engine(loaded, num_tokens=256, block_size=4)
-    finished = _drive(engine, arrivals)
+    engine = make_engine(loaded, num_tokens=256, block_size=4)
+    finished = drive(engine, arrivals)
     assert engine.scheduler.num_preemptions > 0, "the test must force preemption"
     for _, request_id, prompt, params in arrivals:
-        assert finished[request_id] == _alone(loaded, prompt, params)
+        assert finished[request_id] == alone(loaded, prompt, params)
     assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.pool.num_blocks
 
 
 def test_abort_frees_blocks_at_once(ours):
-    engine = _engine(ours(NAME))
+    engine = make_engine(ours(NAME))
     for i in range(3):
         engine.add_request(str(i), Prompt(None, [5] * 20), SamplingParams(max_tokens=50, ignore_eos=True))
     for _ in range(3):
@@ -119,7 +84,7 @@ def test_abort_frees_blocks_at_once(ours):
 
 def test_a_cache_smaller_than_one_sequence_is_refused(ours):
     with pytest.raises(ValueError, match="less than max_model_len"):
-        _engine(ours(NAME), num_tokens=100)
+        make_engine(ours(NAME), num_tokens=100)
 
 
 def test_llm_reports_metrics_and_keeps_prompt_order(llm_for):

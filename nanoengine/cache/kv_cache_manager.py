@@ -5,14 +5,23 @@ Token ``p`` of a request lives in block ``table[p // block_size]`` at offset
 ``table[p // block_size] * block_size + p % block_size``. A request's table always holds
 exactly ``ceil(num_tokens / block_size)`` blocks, so at most one block per request is
 partly empty: the only memory paging wastes.
+
+Lesson 08 lets tables share blocks. With prefix caching, every full block is registered
+under its chained hash (``prefix_hash``), and a new request starts its table with the
+cached blocks of its longest cached prefix. ``fork`` gives a new sequence (parallel
+sampling, ``n > 1``) its parent's table with every block shared; the first write into a
+shared, partly filled block copies it first (*copy-on-write*): the copies to make are
+handed to the worker in the step's plan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 from nanoengine.cache.block_pool import BlockPool
+from nanoengine.cache.prefix_hash import BlockHash, block_hashes
 from nanoengine.trace import Trace
 
 
@@ -28,21 +37,46 @@ def num_blocks_for_budget(budget_bytes: int, bytes_per_token: int, block_size: i
     return budget_bytes // (bytes_per_token * block_size)
 
 
+@dataclasses.dataclass(slots=True)
+class PrefixCacheStats:
+    """Prefix-cache lookups: one per admitted request (fresh or back from preemption).
+
+    ``queried_blocks``: full blocks looked up (all but the last token of the sequence);
+    ``hit_blocks``: those found cached, whose tokens were not computed again.
+    """
+
+    requests: int = 0
+    queried_blocks: int = 0
+    hit_blocks: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_blocks / self.queried_blocks if self.queried_blocks else 0.0
+
+
 class KVCacheManager:
     """Decides which blocks each request's tokens go in.
 
     Invariants: for every live request, ``len(table) == ceil(num_tokens / block_size)``;
-    a block belongs to at most one table (prefix sharing, lesson 08, relaxes this with
-    reference counts); freeing a request returns all its blocks to the pool.
+    a block's ``ref_cnt`` equals the number of tables holding it; a block that receives
+    tokens in a step is held by exactly one table (no writable block is shared); freeing a
+    request drops its references, and blocks nobody holds return to the pool (cached ones
+    keep their prefix until evicted).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, trace: Trace | None = None) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, trace: Trace | None = None, enable_prefix_caching: bool = False
+    ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1; got {block_size}")
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, trace)
         self.tables: dict[str, list[int]] = {}
         self.num_tokens: dict[str, int] = {}
+        self.hashes: dict[str, list[BlockHash]] = {}
+        self.enable_prefix_caching = enable_prefix_caching
+        self.stats = PrefixCacheStats()
+        self.pending_copies: list[tuple[int, int]] = []
         self.trace = trace
 
     @property
@@ -54,34 +88,123 @@ class KVCacheManager:
         have = len(self.tables.get(request_id, ()))
         return max(0, math.ceil(total_tokens / self.block_size) - have)
 
-    def allocate_slots(self, request_id: str, token_ids: Sequence[int]) -> bool:
+    def get_computed_blocks(self, token_ids: Sequence[int], extra_keys: tuple = ()) -> list[int]:
+        """The cached blocks of the longest cached prefix of ``token_ids``, in order.
+
+        Never the whole sequence: its last token must still run through the model, which
+        is what produces the logits of the next one.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        # BEGIN SOLUTION L08.T2
+        computed = []
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        for block_hash in block_hashes(token_ids[: max_blocks * self.block_size], self.block_size, extra_keys):
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            computed.append(block_id)
+        return computed
+        # END SOLUTION
+
+    def allocate_slots(
+        self, request_id: str, token_ids: Sequence[int], computed_blocks: Sequence[int] = (), extra_keys: tuple = ()
+    ) -> bool:
         """Make room for all of ``token_ids`` (the request's whole sequence so far).
 
-        Grows the table by the blocks the new tokens need. Returns False and changes
-        nothing when the pool has too few free blocks (the scheduler then waits or preempts).
+        A new request's table starts with ``computed_blocks`` (its prefix-cache hit), then
+        grows by the blocks the new tokens need; a shared block about to be written is
+        copied first. Returns False and changes nothing when the pool has too few free
+        blocks (the scheduler then waits or preempts).
         """
-        # BEGIN SOLUTION L03.T2
-        needed = self.blocks_needed(request_id, len(token_ids))
-        if needed > self.pool.num_free_blocks:
-            return False
         is_new = request_id not in self.tables
+        if computed_blocks and not is_new:
+            raise ValueError(f"request {request_id!r} already has blocks; cached blocks only start a table")
+        start = self.num_tokens.get(request_id, len(computed_blocks) * self.block_size)
+        table = self.tables.get(request_id, [])
+        needed = max(0, math.ceil(len(token_ids) / self.block_size) - len(table) - len(computed_blocks))
+        copy = self._shared_block_to_write(table, start, len(token_ids))
+        revived = sum(1 for b in computed_blocks if self.pool.blocks[b].ref_cnt == 0)
+        if needed + (copy is not None) > self.pool.num_free_blocks - revived:
+            return False
         table = self.tables.setdefault(request_id, [])
+        if computed_blocks:
+            self.pool.touch(list(computed_blocks))
+            table.extend(computed_blocks)
+            self._record("hit", request_id, computed_blocks)
+        if copy is not None:
+            self._copy_on_write(request_id, table, copy)
+        # BEGIN SOLUTION L03.T2
         new_blocks = self.pool.allocate(needed)
         table.extend(new_blocks)
-        start = self.num_tokens.get(request_id, 0)
         self.num_tokens[request_id] = len(token_ids)
         # END SOLUTION
-        if self.trace is not None:
-            self.trace.record("alloc" if is_new else "append", request_id, new_blocks, token_ids[start:], start)
+        self._record("alloc" if is_new else "append", request_id, new_blocks, token_ids[start:], start)
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request_id, token_ids, extra_keys)
         return True
+
+    def _shared_block_to_write(self, table: list[int], start: int, end: int) -> int | None:
+        """The index in ``table`` of a shared, partly filled block that tokens ``start..end``
+        would write into, if any. Only a partly filled block is ever written, so at most one."""
+        if end <= start or start % self.block_size == 0:
+            return None
+        index = start // self.block_size
+        return index if self.pool.blocks[table[index]].ref_cnt > 1 else None
+
+    def _copy_on_write(self, request_id: str, table: list[int], index: int) -> None:
+        """Give ``request_id`` its own copy of the shared block at ``table[index]``."""
+        # BEGIN SOLUTION L08.T3
+        shared = table[index]
+        (own,) = self.pool.allocate(1)
+        self.pending_copies.append((shared, own))
+        self.pool.free([shared])
+        table[index] = own
+        # END SOLUTION
+        self._record("cow", request_id, (shared, own))
+
+    def _cache_full_blocks(self, request_id: str, token_ids: Sequence[int], extra_keys: tuple) -> None:
+        """Register every block that ``token_ids`` fill, under its chained hash."""
+        known = self.hashes.setdefault(request_id, [])
+        table = self.tables[request_id]
+        first_new = len(known)
+        known[:] = block_hashes(token_ids, self.block_size, extra_keys, known)
+        for index in range(first_new, len(known)):
+            if self.pool.cache(table[index], known[index]):
+                self._record("cache", request_id, [table[index]])
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        """Give ``child_id`` the parent's table, every block shared (no copy until a write)."""
+        if child_id in self.tables:
+            raise ValueError(f"request id {child_id!r} already has blocks")
+        table = list(self.tables[parent_id])
+        self.pool.touch(table)
+        self.tables[child_id] = table
+        self.num_tokens[child_id] = self.num_tokens[parent_id]
+        if parent_id in self.hashes:
+            self.hashes[child_id] = list(self.hashes[parent_id])
+        self._record("fork", child_id, table)
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """The (source, destination) block copies the worker must make before the next step."""
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
 
     def block_table(self, request_id: str) -> list[int]:
         return self.tables[request_id]
 
     def free(self, request_id: str) -> None:
-        """Return every block of a finished (or preempted) request to the pool."""
+        """Drop every block reference of a finished (or preempted) request.
+
+        The table is released last block first, so when the blocks are cached, a prefix's
+        tail is evicted before its head (the head is the part more requests share).
+        """
         table = self.tables.pop(request_id)
         del self.num_tokens[request_id]
-        self.pool.free(table)
+        self.hashes.pop(request_id, None)
+        self.pool.free(table[::-1])
+        self._record("free", request_id, table)
+
+    def _record(self, kind: str, request_id: str, block_ids, token_ids=(), first_position: int = 0) -> None:
         if self.trace is not None:
-            self.trace.record("free", request_id, table)
+            self.trace.record(kind, request_id, block_ids, token_ids, first_position)

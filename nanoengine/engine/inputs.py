@@ -69,6 +69,18 @@ def params_per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams]
     return params
 
 
+def check_params_for_model(params: SamplingParams, vocab_size: int) -> None:
+    """The checks a SamplingParams can only pass against a model: token ids in its vocabulary."""
+    if params.logit_bias:
+        bad = [t for t in params.logit_bias if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and value > vocab_size:
+            raise ValueError(f"{name} must be at most the vocabulary size ({vocab_size}); got {value}")
+
+
 def make_request(
     request_id: str, prompt: Prompt, params: SamplingParams, eos_token_ids: frozenset[int], arrival_time: float | None
 ) -> Request:

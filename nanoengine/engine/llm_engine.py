@@ -4,6 +4,9 @@
 the scheduler for a plan, has the model runner execute it, then feeds each sampled token
 through the request's :class:`OutputProcessor` (text, stop strings, finish reasons) and
 frees finished requests' blocks at once.
+
+Lesson 08: a request with ``n > 1`` runs its prompt once, then forks into ``n`` sequences
+that share its blocks; its :class:`RequestState` gathers them into one output.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from nanoengine.attention.torch_paged import PagedKVCache
 from nanoengine.cache.contiguous import kv_bytes_per_token
 from nanoengine.cache.kv_cache_manager import KVCacheManager, num_blocks_for_budget
 from nanoengine.config import CacheConfig, SchedulerConfig
-from nanoengine.engine.inputs import Prompt, make_request
-from nanoengine.engine.output_processor import OutputProcessor
+from nanoengine.engine.inputs import Prompt, check_params_for_model, make_request
+from nanoengine.engine.output_processor import RequestState
 from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel
 from nanoengine.outputs import RequestOutput
@@ -47,8 +50,9 @@ def kv_cache_budget(cache: CacheConfig, loaded: LoadedModel, bytes_per_token: in
 class LLMEngine:
     """Continuous batching over a paged KV cache.
 
-    Invariant: every request added and not yet finished or aborted is known to the
-    scheduler and has an output processor; a finished request owns no KV blocks.
+    Invariant: every request added and not yet finished or aborted has a
+    :class:`RequestState`, and each of its live sequences is known to the scheduler and
+    mapped back to it in ``owner``; a finished sequence owns no KV blocks.
     """
 
     def __init__(
@@ -72,7 +76,7 @@ class LLMEngine:
                 "give it more memory (kv_cache_memory_bytes) or lower max_model_len"
             )
         self.trace = Trace(num_blocks, cache.block_size) if trace else None
-        self.kv_cache_manager = KVCacheManager(num_blocks, cache.block_size, self.trace)
+        self.kv_cache_manager = KVCacheManager(num_blocks, cache.block_size, self.trace, cache.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv_cache_manager,
             scheduler.token_budget(loaded.max_model_len),
@@ -85,22 +89,35 @@ class LLMEngine:
             head_dim_of(config), loaded.dtype, loaded.device,
         )
         self.runner = ModelRunner(loaded.model, kv_tensors, get_attention_backend(default_backend(loaded.device)), seed)
-        self.processors: dict[str, OutputProcessor] = {}
+        self.max_num_seqs = scheduler.max_num_seqs
+        self.states: dict[str, RequestState] = {}
+        self.owner: dict[str, str] = {}
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token); step budget %d tokens, "
-            "max_num_seqs %d", num_blocks, cache.block_size, capacity, num_blocks * cache.block_size * per_token / 2**20,
+            "max_num_seqs %d, prefix caching %s", num_blocks, cache.block_size, capacity, num_blocks * cache.block_size * per_token / 2**20,
             per_token, self.scheduler.token_budget, scheduler.max_num_seqs,
+            "on" if cache.enable_prefix_caching else "off",
         )
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None) -> None:
+        check_params_for_model(params, self.loaded.hf_config.vocab_size)
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"n ({params.n}) must be at most max_num_seqs ({self.max_num_seqs})")
+        if request_id in self.states:
+            raise ValueError(f"request id {request_id!r} is already in use")
         request = make_request(request_id, prompt, params, self.loaded.eos_token_ids, arrival_time)
         self.scheduler.add_request(request)
-        self.processors[request_id] = OutputProcessor(request, self.loaded.tokenizer, self.loaded.max_model_len)
+        self.states[request_id] = RequestState(request, self.loaded.tokenizer, self.loaded.max_model_len)
+        self.owner[request_id] = request_id
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request now; its blocks are freed before the next step."""
-        if self.processors.pop(request_id, None) is not None:
-            self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        """Stop a request (all its sequences) now; its blocks are freed before the next step."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return
+        for sequence_id in state.live_sequence_ids():
+            self.scheduler.finish_request(sequence_id, RequestStatus.FINISHED_ABORTED)
+            del self.owner[sequence_id]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -110,11 +127,31 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         result = self.runner.execute(plan)
         self.scheduler.update_after_step(plan)
-        outputs = []
-        for request_id, token in result.sampled_token_ids.items():
-            output = self.processors[request_id].process_token(token)
-            outputs.append(output)
+        for sequence_id, (first, entries) in result.prompt_logprobs.items():
+            self.states[self.owner[sequence_id]].add_prompt_logprobs(first, entries)
+        touched: dict[str, RequestState] = {}
+        for sequence_id, tokens in result.sampled_token_ids.items():
+            request_id = self.owner[sequence_id]
+            state = touched[request_id] = self.states[request_id]
+            sequence_ids = [sequence_id]
+            if len(tokens) > 1:
+                sequence_ids = self._fork(state, sequence_id, len(tokens))
+            logprobs = result.logprobs.get(sequence_id, [None] * len(tokens))
+            for child_id, token, entry in zip(sequence_ids, tokens, logprobs):
+                if state.sequences[child_id].process_token(token, entry).finish_reason is not None:
+                    self.scheduler.finish_request(child_id)
+                    del self.owner[child_id]
+        outputs = [state.output() for state in touched.values()]
+        for output in outputs:
             if output.finished:
-                del self.processors[request_id]
-                self.scheduler.finish_request(request_id)
+                del self.states[output.request_id]
         return outputs
+
+    def _fork(self, state: RequestState, parent_id: str, n: int) -> list[str]:
+        """The prompt is done: the request becomes ``n`` sequences sharing its blocks."""
+        children = self.scheduler.fork(parent_id, n)
+        state.fork(children)
+        del self.owner[parent_id]
+        for child in children:
+            self.owner[child.request_id] = state.request.request_id
+        return [child.request_id for child in children]

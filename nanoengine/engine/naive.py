@@ -18,13 +18,13 @@ from nanoengine.attention.metadata import build_attention_metadata
 from nanoengine.attention.registry import AttentionFn, default_backend, get_attention_backend
 from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
 from nanoengine.cache.kv_cache_manager import KVCacheManager
-from nanoengine.engine.inputs import Prompt, make_request
-from nanoengine.engine.output_processor import OutputProcessor
+from nanoengine.engine.inputs import Prompt, check_params_for_model, make_request
+from nanoengine.engine.output_processor import RequestState
 from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel
 from nanoengine.outputs import RequestOutput
 from nanoengine.request import Request, RequestStatus
-from nanoengine.sampling import sample_next_tokens
+from nanoengine.sampling import SamplingRow, sample
 from nanoengine.sampling_params import SamplingParams
 
 # Maps the last position's logits ([vocab], float32) to the next token id.
@@ -139,7 +139,7 @@ class NaiveEngine:
         self.kv_cache = kv_cache
         self.generator = torch.Generator().manual_seed(seed)
         self.queue: collections.deque[Request] = collections.deque()
-        self.current: tuple[Request, OutputProcessor, Iterator[int]] | None = None
+        self.current: tuple[Request, RequestState, Iterator[int]] | None = None
         if kv_cache == "paged":
             config = loaded.hf_config
             num_blocks = -(-loaded.max_model_len // block_size)
@@ -169,6 +169,13 @@ class NaiveEngine:
         return kv_cache_decode(model, request.prompt_token_ids, next_token, cache)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None) -> None:
+        check_params_for_model(params, self.loaded.hf_config.vocab_size)
+        for name, default in (("n", 1), ("logprobs", None), ("prompt_logprobs", None)):
+            if getattr(params, name) != default:
+                raise ValueError(
+                    f"SamplingParams.{name}={getattr(params, name)!r}: the one-at-a-time NaiveEngine of lessons "
+                    "01-04 runs one sequence without logprobs; LLMEngine (lesson 06 on) has it"
+                )
         self.queue.append(make_request(request_id, prompt, params, self.loaded.eos_token_ids, arrival_time))
 
     def has_unfinished_requests(self) -> bool:
@@ -182,16 +189,18 @@ class NaiveEngine:
         else:
             self.queue = collections.deque(r for r in self.queue if r.request_id != request_id)
 
-    def _start(self, request: Request) -> tuple[Request, OutputProcessor, Iterator[int]]:
+    def _start(self, request: Request) -> tuple[Request, RequestState, Iterator[int]]:
         params = request.params
-        generator = self.generator if params.seed is None else torch.Generator().manual_seed(params.seed)
+        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
 
         def next_token(logits: torch.Tensor) -> int:
-            return sample_next_tokens(logits[None], [params], [generator], [request.banned_token_ids()])[0]
+            row = SamplingRow(params, generator, request.banned_token_ids(), request.prompt_token_ids,
+                              request.output_token_ids)
+            return sample(logits[None], [row], self.generator).token_ids[0]
 
         request.status = RequestStatus.RUNNING
-        processor = OutputProcessor(request, self.loaded.tokenizer, self.loaded.max_model_len)
-        return request, processor, self._token_stream(request, next_token)
+        state = RequestState(request, self.loaded.tokenizer, self.loaded.max_model_len)
+        return request, state, self._token_stream(request, next_token)
 
     def step(self) -> list[RequestOutput]:
         """One more token of the request at the head of the queue."""
@@ -199,8 +208,9 @@ class NaiveEngine:
             if not self.queue:
                 return []
             self.current = self._start(self.queue.popleft())
-        _, processor, stream = self.current
-        output = processor.process_token(next(stream))
+        request, state, stream = self.current
+        state.sequences[request.request_id].process_token(next(stream))
+        output = state.output()
         if output.finished:
             stream.close()  # frees a paged request's blocks now, not when garbage-collected
             self.current = None

@@ -2,7 +2,9 @@
 
 Append it, stream its text, decide whether the sequence ends (EOS, stop token, stop string,
 length), and give the user a snapshot. Every engine (lessons 01–04's one-at-a-time loop,
-lesson 06's continuous batching) feeds tokens through the same :class:`OutputProcessor`.
+lesson 06's continuous batching) feeds tokens through the same :class:`OutputProcessor`;
+a :class:`RequestState` gathers a request's sequences (``n`` of them after a fork, lesson
+08) and its prompt logprobs into one :class:`RequestOutput`.
 """
 
 from __future__ import annotations
@@ -13,21 +15,32 @@ from transformers import PreTrainedTokenizerBase
 
 from nanoengine.engine.detokenizer import IncrementalDetokenizer
 from nanoengine.engine.stop_checker import check_token_stop, find_stop_string
-from nanoengine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from nanoengine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from nanoengine.request import Request, RequestStatus
+from nanoengine.sampling import TokenLogprobs
+
+
+def position_logprobs(entry: TokenLogprobs, tokenizer: PreTrainedTokenizerBase) -> PositionLogprobs:
+    """The user-facing form of one position's logprobs: token id -> Logprob (with its text)."""
+    return {
+        token: Logprob(logprob, rank, tokenizer.decode([token]))
+        for token, logprob, rank in zip(entry.token_ids, entry.logprobs, entry.ranks)
+    }
 
 
 class OutputProcessor:
-    """One request's text and stopping state.
+    """One sequence's text, logprobs and stopping state.
 
-    Invariant: ``text`` is the request's output text so far, cut before a matched stop
-    string (or after it, with ``include_stop_str_in_output``); once the request has
+    Invariant: ``text`` is the sequence's output text so far, cut before a matched stop
+    string (or after it, with ``include_stop_str_in_output``); once the sequence has
     finished, no token is processed.
     """
 
-    def __init__(self, request: Request, tokenizer: PreTrainedTokenizerBase, max_model_len: int) -> None:
+    def __init__(self, request: Request, tokenizer: PreTrainedTokenizerBase, max_model_len: int, index: int = 0) -> None:
         self.request = request
+        self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.index = index
         params = request.params
         self.detokenizer = (
             IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.skip_special_tokens)
@@ -35,14 +48,19 @@ class OutputProcessor:
             else None
         )
         self.text = ""
+        self.logprobs: list[PositionLogprobs] | None = None if params.logprobs is None else []
+        self.cumulative_logprob: float | None = None if params.logprobs is None else 0.0
 
-    def process_token(self, token: int) -> RequestOutput:
-        """Append ``token`` to the request, update its text and status, return its snapshot."""
+    def process_token(self, token: int, logprobs: TokenLogprobs | None = None) -> CompletionOutput:
+        """Append ``token`` to the sequence, update its text and status, return its snapshot."""
         request, params = self.request, self.request.params
         if request.status.finished:
             raise RuntimeError(f"request {request.request_id} has already finished")
         request.output_token_ids.append(token)
         request.first_token_time = request.first_token_time or time.monotonic()
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(position_logprobs(logprobs, self.tokenizer))
+            self.cumulative_logprob += logprobs.logprobs[0]
         stopped = check_token_stop(request, self.max_model_len)
         if self.detokenizer is not None:
             delta = self.detokenizer.add(token) + (self.detokenizer.flush() if stopped else "")
@@ -56,24 +74,75 @@ class OutputProcessor:
                     self.text = self.text[:cut]
         if request.status.finished:
             request.finished_time = time.monotonic()
-        return make_request_output(request, self.text)
+        return self.completion()
+
+    def completion(self) -> CompletionOutput:
+        """The sequence so far (copies, so later tokens do not leak into it)."""
+        request = self.request
+        return CompletionOutput(
+            index=self.index,
+            text=self.text,
+            token_ids=list(request.output_token_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+        )
 
 
-def make_request_output(request: Request, text: str) -> RequestOutput:
-    """The user-facing snapshot of a request (copies, so later tokens do not leak into it)."""
-    completion = CompletionOutput(
-        index=0,
-        text=text,
-        token_ids=list(request.output_token_ids),
-        finish_reason=request.finish_reason,
-        stop_reason=request.stop_reason,
-    )
-    return RequestOutput(
-        request_id=request.request_id,
-        prompt=request.prompt,
-        prompt_token_ids=list(request.prompt_token_ids),
-        prompt_logprobs=None,
-        outputs=[completion],
-        finished=request.status.finished,
-        metrics=RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time),
-    )
+class RequestState:
+    """One user request as the engine answers it: its sequences and its prompt logprobs.
+
+    Invariants: ``sequences`` maps the id of every sequence (the request itself, or its
+    ``n`` children once forked) to its processor; the request has finished when every
+    sequence has.
+    """
+
+    def __init__(self, request: Request, tokenizer: PreTrainedTokenizerBase, max_model_len: int) -> None:
+        self.request = request
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.sequences = {request.request_id: OutputProcessor(request, tokenizer, max_model_len)}
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = (
+            None if request.params.prompt_logprobs is None else [None]
+        )
+
+    def fork(self, children: list[Request]) -> None:
+        """The request became ``n`` sequences, numbered in order."""
+        self.sequences = {
+            child.request_id: OutputProcessor(child, self.tokenizer, self.max_model_len, index)
+            for index, child in enumerate(children)
+        }
+
+    def add_prompt_logprobs(self, first: int, entries: list[TokenLogprobs]) -> None:
+        """Entries for prompt tokens ``first, first + 1, ...``; a prompt computed again after
+        preemption repeats positions already known, which are kept as they were."""
+        known = len(self.prompt_logprobs)
+        self.prompt_logprobs.extend(position_logprobs(e, self.tokenizer) for e in entries[max(0, known - first):])
+
+    @property
+    def finished(self) -> bool:
+        return all(p.request.status.finished for p in self.sequences.values())
+
+    def live_sequence_ids(self) -> list[str]:
+        return [rid for rid, p in self.sequences.items() if not p.request.status.finished]
+
+    def output(self) -> RequestOutput:
+        """The user-facing snapshot of the whole request."""
+        request = self.request
+        processors = list(self.sequences.values())
+        finished_times = [p.request.finished_time for p in processors]
+        first_times = [p.request.first_token_time for p in processors if p.request.first_token_time is not None]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=list(request.prompt_token_ids),
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+            outputs=[p.completion() for p in processors],
+            finished=self.finished,
+            metrics=RequestMetrics(
+                request.arrival_time,
+                min(first_times, default=None),
+                max(finished_times) if self.finished else None,
+            ),
+        )

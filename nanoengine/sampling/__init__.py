@@ -1,5 +1,6 @@
-"""Turning logits into the next token: logits processors and the sampler."""
+"""Turning logits into the next token: logits processors, the sampler and logprobs."""
 
-from nanoengine.sampling.sampler import sample_next_tokens
+from nanoengine.sampling.logprobs import TokenLogprobs, gather_logprobs
+from nanoengine.sampling.sampler import SamplerOutput, SamplingRow, sample
 
-__all__ = ["sample_next_tokens"]
+__all__ = ["SamplerOutput", "SamplingRow", "TokenLogprobs", "gather_logprobs", "sample"]

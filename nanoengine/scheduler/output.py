@@ -13,7 +13,10 @@ class ScheduledRequest:
 
     The worker computes ``token_ids`` at positions ``num_computed_tokens ..`` using the
     blocks in ``block_table``; when ``sample`` is true (the chunk reaches the end of the
-    sequence) it also samples the next token, never one of ``banned_token_ids``.
+    sequence) it also samples the next token, never one of ``banned_token_ids`` (``params.n``
+    tokens when the request is about to fork into ``n`` sequences, lesson 08).
+    ``prompt_token_ids`` / ``output_token_ids`` are the whole sequence so far, which the
+    penalties and prompt logprobs of lesson 09 need.
     """
 
     request_id: str
@@ -23,17 +26,22 @@ class ScheduledRequest:
     sample: bool
     params: SamplingParams
     banned_token_ids: list[int]
+    prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(slots=True)
 class SchedulerOutput:
     """A step's plan. ``finished_request_ids``: requests gone since the last step (the
-    worker drops their sampling state); ``preempted_request_ids``: sent back to waiting."""
+    worker drops their sampling state); ``preempted_request_ids``: sent back to waiting;
+    ``blocks_to_copy``: (source, destination) block copies to make before the step runs
+    (copy-on-write, lesson 08)."""
 
     step: int
     scheduled: list[ScheduledRequest]
     preempted_request_ids: list[str]
     finished_request_ids: list[str]
+    blocks_to_copy: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

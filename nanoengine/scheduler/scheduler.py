@@ -82,22 +82,31 @@ class Scheduler:
                 scheduled.append(self._scheduled(request, num_new))
                 budget -= num_new
                 index += 1
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and not preempted and budget > 0:
             request = self.waiting[0]
-            num_new = request.num_tokens - request.num_computed_tokens
+            if len(self.running) + request.params.n > self.max_num_seqs:  # n > 1 forks into n
+                break
+            computed_blocks = self._cached_prefix(request)  # lesson 08: [] without prefix caching
+            num_computed = len(computed_blocks) * self.kv.block_size
+            num_new = request.num_tokens - num_computed
             if num_new > budget:
                 if not self.enable_chunked_prefill:
                     break
                 num_new = budget
-            if not self.kv.allocate_slots(request.request_id, request.all_token_ids[:num_new]):
+            end = num_computed + num_new
+            if not self.kv.allocate_slots(request.request_id, request.all_token_ids[:end], computed_blocks):
                 break
+            request.num_computed_tokens = num_computed
+            self._count_cache_lookup(request, computed_blocks)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         # END SOLUTION
-        output = SchedulerOutput(self.step, scheduled, preempted, self._finished_since_last_step)
+        output = SchedulerOutput(
+            self.step, scheduled, preempted, self._finished_since_last_step, self.kv.take_pending_copies()
+        )
         self._finished_since_last_step = []
         for s in scheduled:
             self._record("schedule", s.request_id, token_ids=s.token_ids, first_position=s.num_computed_tokens)
@@ -105,6 +114,24 @@ class Scheduler:
         if self.trace is not None:
             self.trace.next_step()
         return output
+
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """The cached blocks an admitted request starts from (lesson 08).
+
+        None for a request that asked for prompt logprobs: those need the logits of every
+        prompt token, so its prompt is computed in full (as vLLM does).
+        """
+        if request.params.prompt_logprobs is not None:
+            return []
+        return self.kv.get_computed_blocks(request.all_token_ids)
+
+    def _count_cache_lookup(self, request: Request, computed_blocks: list[int]) -> None:
+        """Add an admitted request's prefix-cache lookup to the hit and query counters."""
+        if self.kv.enable_prefix_caching and request.params.prompt_logprobs is None:
+            stats = self.kv.stats
+            stats.requests += 1
+            stats.queried_blocks += (request.num_tokens - 1) // self.kv.block_size
+            stats.hit_blocks += len(computed_blocks)
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
@@ -116,7 +143,29 @@ class Scheduler:
             sample=start + num_new == request.num_tokens,
             params=request.params,
             banned_token_ids=request.banned_token_ids(),
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
         )
+
+    def fork(self, parent_id: str, num_children: int) -> list[Request]:
+        """Replace a request that just finished its prompt by ``num_children`` sequences.
+
+        Parallel sampling (``n > 1``) computes the prompt once; then each child takes the
+        parent's place in the running queue with the parent's blocks, all shared (the cache
+        manager copies a shared block only when a child first writes into it).
+        """
+        parent = self.requests.pop(parent_id)
+        children = [parent.child(index) for index in range(num_children)]
+        for child in children:
+            if child.request_id in self.requests:
+                raise ValueError(f"request id {child.request_id!r} is already in use")
+            self.kv.fork(parent_id, child.request_id)
+            self.requests[child.request_id] = child
+        self.kv.free(parent_id)
+        index = self.running.index(parent)
+        self.running[index : index + 1] = children
+        self._finished_since_last_step.append(parent_id)
+        return children
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request.request_id)

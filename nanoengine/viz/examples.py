@@ -1,15 +1,24 @@
-"""A small, fixed paging story for lesson 03's figures: no model, no torch, the same trace every time.
+"""Small, fixed stories for the figures: no model, no random source, the same result every time.
 
-Three requests are admitted into a 32-block pool of 4-token blocks and decode in
-lock-step, so their blocks interleave; one finishes and leaves holes; a fourth arrives
-and takes blocks further along the free queue. Token ids encode the request (A's are
-101, 102, ...; B's 201, ...) so a picture shows whose token sits in which slot.
+Lesson 03's paging story: three requests are admitted into a 32-block pool of 4-token
+blocks and decode in lock-step, so their blocks interleave; one finishes and leaves holes;
+a fourth arrives and takes blocks further along the free queue. Token ids encode the
+request (A's are 101, 102, ...; B's 201, ...) so a picture shows whose token sits in which
+slot. Lessons 06-07 drive the real scheduler, lesson 08 the prefix cache, and lesson 09
+hand-writes logits and a bigram table for the sampling and beam-search pictures.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from nanoengine.cache.kv_cache_manager import KVCacheManager
 from nanoengine.trace import Trace
+
+if TYPE_CHECKING:
+    import torch
+
+    from nanoengine.sampling.beam_search import BeamSearchOutput
 
 NUM_BLOCKS, BLOCK_SIZE = 32, 4
 
@@ -89,3 +98,131 @@ def example_scheduler_trace() -> tuple[Trace, int]:
         if step > 200:
             raise RuntimeError("the example scheduler stopped making progress")
     return trace, SCHEDULER_TOKEN_BUDGET
+
+
+# Lesson 08: prefix caching. A pool of 10 blocks of 4 tokens; the system prompt is tokens 1..8
+# (two full blocks); each request's own tokens encode it (A's 101, 102, ...; B's 201, ...).
+PREFIX_NUM_BLOCKS, PREFIX_BLOCK_SIZE = 10, 4
+SYSTEM_PROMPT = tuple(range(1, 9))
+
+
+def example_prefix_manager() -> KVCacheManager:
+    """The prefix-caching story, on a real ``KVCacheManager`` with prefix caching on.
+
+    Step 0: A (system prompt + its question) computes everything and registers its full
+    blocks. Steps 1-2: B and C share the system prompt and take its two blocks from the
+    cache. Step 3: A and B finish; their cached blocks stay in the free queue, tail first.
+    Step 4: D, with a prompt of its own, needs five blocks: the least recently freed cached
+    ones are evicted, A's question last block first; C finishes. Step 5: E asks B's
+    question again: the system prompt and B's first question block come back from the
+    cache though nobody held them; B's last block was evicted to make room for E.
+    """
+    manager = KVCacheManager(PREFIX_NUM_BLOCKS, PREFIX_BLOCK_SIZE, trace=Trace(PREFIX_NUM_BLOCKS, PREFIX_BLOCK_SIZE),
+                             enable_prefix_caching=True)
+    sequences: dict[str, list[int]] = {}
+
+    def admit(request_id: str, prompt: list[int]) -> list[int]:
+        sequences[request_id] = prompt
+        hit = manager.get_computed_blocks(prompt)
+        assert manager.allocate_slots(request_id, prompt, hit)
+        return hit
+
+    def decode(*request_ids: str) -> None:
+        for request_id in request_ids:
+            sequences[request_id].append(sequences[request_id][-1] + 1)
+            assert manager.allocate_slots(request_id, sequences[request_id])
+
+    def question(first_token: int, length: int) -> list[int]:
+        return [*SYSTEM_PROMPT, *range(first_token, first_token + length)]
+
+    assert admit("A", question(101, 6)) == []
+    manager.trace.next_step()
+    decode("A")
+    assert admit("B", question(201, 6)) == [0, 1]
+    manager.trace.next_step()
+    decode("A", "B")
+    assert admit("C", question(301, 2)) == [0, 1]
+    manager.trace.next_step()
+    decode("A", "B", "C")
+    manager.free("A")
+    manager.free("B")
+    manager.trace.next_step()
+    decode("C")
+    assert admit("D", list(range(401, 419))) == []
+    manager.free("C")
+    manager.trace.next_step()
+    decode("D")
+    assert admit("E", question(201, 6)) == [0, 1, 4]
+    evicted = [e.block_ids[0] for e in manager.trace.events if e.kind == "evict"]
+    assert evicted == [3, 2, 5], evicted  # A's question tail first, then B's last block
+    return manager
+
+
+def example_prefix_trace() -> Trace:
+    """The trace of :func:`example_prefix_manager`, for the prefix-tree figure and notebooks."""
+    return example_prefix_manager().trace
+
+
+# Lesson 09: a 12-word vocabulary and its next-token logits after "The cat sat on the", written by
+# hand (no model); some are negative so that the repetition penalty's two rules both show.
+EXAMPLE_VOCAB = ("mat", "sofa", "floor", "bed", "chair", "rug", "table", "roof", "grass", "car", "moon", "idea")
+EXAMPLE_LOGITS = (3.0, 2.5, 2.1, 1.7, 1.3, 0.9, 0.4, -0.2, -0.6, -1.2, -1.8, -2.5)
+
+
+def example_logits() -> torch.Tensor:
+    """:data:`EXAMPLE_LOGITS` as a 1-D float32 tensor (one logit per word of :data:`EXAMPLE_VOCAB`)."""
+    import torch
+
+    return torch.tensor(EXAMPLE_LOGITS, dtype=torch.float32)
+
+
+# Lesson 09: beam search over a toy bigram "model" whose next-token log-probabilities depend on
+# the last word only, written by hand. The prompt is "The cat".
+BEAM_VOCAB = {1: "The", 2: "cat", 3: "sat", 4: "is", 5: "was", 6: "ran", 7: "on", 8: "down", 9: "in", 10: "the",
+              11: "a", 12: "mat", 13: "sofa", 14: "box", 15: "asleep", 16: "here", 17: "still", 18: "my", 19: "bed"}
+BEAM_PROMPT = (1, 2)
+BEAM_WIDTH, BEAM_STEPS = 3, 4
+_BIGRAM = {  # last word -> its four proposals, most likely first
+    "cat": {"sat": -0.5, "is": -1.2, "was": -1.7, "ran": -2.6},
+    "sat": {"on": -0.4, "down": -1.5, "in": -2.3, "still": -3.0},
+    "is": {"asleep": -0.5, "on": -1.1, "in": -1.9, "here": -2.4},
+    "was": {"asleep": -0.8, "on": -1.4, "here": -2.0, "in": -2.5},
+    "on": {"the": -0.3, "a": -1.6, "my": -2.1, "here": -3.0},
+    "down": {"on": -0.7, "here": -1.6, "in": -2.2, "still": -2.9},
+    "in": {"the": -0.4, "a": -1.3, "my": -2.0, "bed": -2.6},
+    "asleep": {"on": -0.3, "in": -1.3, "here": -1.9, "still": -2.8},
+    "the": {"mat": -0.6, "sofa": -1.0, "box": -1.7, "bed": -2.2},
+    "a": {"box": -0.9, "mat": -1.2, "sofa": -1.8, "bed": -2.5},
+    "my": {"bed": -0.5, "sofa": -1.4, "mat": -2.0, "box": -2.7},
+    "here": {"still": -0.9, "on": -1.6, "in": -2.1, "asleep": -2.9},
+    "still": {"on": -0.8, "here": -1.5, "asleep": -2.0, "in": -2.9},
+}
+
+
+def example_beam_output() -> BeamSearchOutput:
+    """A ``BeamSearchOutput`` of 3 beams after 4 steps, searched by the real ``expand_beams``.
+
+    Each live beam proposes its four most likely next words (the engine asks for
+    ``2 * beam_width`` = 6; four keep the picture readable), with ``decoded_token`` set.
+    The best beams are "sat on the mat", "sat on the sofa" and "is asleep on the": the first
+    two share three tokens, and "was" is pruned after one step.
+    """
+    from nanoengine.outputs import Logprob
+    from nanoengine.sampling.beam_search import BeamSearchOutput, BeamSearchSequence, best_beams, expand_beams
+
+    ids = {word: token for token, word in BEAM_VOCAB.items()}
+
+    def proposals(beam: BeamSearchSequence) -> dict[int, Logprob]:
+        words = _BIGRAM[BEAM_VOCAB[beam.tokens[-1]]]
+        return {ids[w]: Logprob(lp, rank, w) for rank, (w, lp) in enumerate(words.items(), 1)}
+
+    beams = [BeamSearchSequence(list(BEAM_PROMPT))]
+    for _ in range(BEAM_STEPS):
+        beams, finished = expand_beams(beams, [proposals(b) for b in beams], BEAM_WIDTH, eos_token_ids=())
+        assert not finished
+    output = BeamSearchOutput(best_beams(beams, BEAM_WIDTH, (), 1.0))
+    texts = [" ".join(BEAM_VOCAB[t] for t in s.tokens[len(BEAM_PROMPT):]) for s in output.sequences]
+    assert texts == ["sat on the mat", "sat on the sofa", "is asleep on the"], texts
+    for sequence, text in zip(output.sequences, texts):
+        sequence.text, sequence.finish_reason = " " + text, "length"
+    return output

@@ -1,8 +1,9 @@
 """``python -m nanoengine.viz.make_figures``: regenerate every figure in ``figures/``.
 
 Inputs are fixed (the bundled model's config, recorded benchmark JSON in ``docs/bench/``,
-the example paging and scheduler traces of :mod:`nanoengine.viz.examples`, the kernel's
-default launch shape), so a rerun gives byte-identical files.
+the example paging, scheduler and prefix-cache traces, logits and beams of
+:mod:`nanoengine.viz.examples`, the kernel's default launch shape), so a rerun gives
+byte-identical files.
 """
 
 from __future__ import annotations
@@ -19,20 +20,27 @@ from nanoengine.model import load_hf_config  # noqa: E402
 from nanoengine.trace import replay  # noqa: E402
 from nanoengine.viz import (  # noqa: E402
     batching_throughput,
+    beam_tree,
     block_pool_grid,
     block_tables,
     chunk_size_tradeoff,
+    example_beam_output,
+    example_logits,
     example_paging_trace,
+    example_prefix_trace,
     example_scheduler_trace,
     kernel_thread_mapping,
     kv_cache_speed,
     model_anatomy,
     paged_vs_contiguous,
+    prefix_tree,
+    sampling_effects,
     save_figure,
     scheduler_gantt,
     token_timeline,
     trace_colors,
 )
+from nanoengine.viz.examples import BEAM_PROMPT, BEAM_VOCAB, EXAMPLE_VOCAB  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [r for r in (_bench(f"l07_budget_{b}") for b in (64, 256, 2048)) if r]
     if budgets:
         written.append(save_figure(chunk_size_tradeoff(budgets), args.out / "chunked_prefill_tradeoff.png"))
+    written += [
+        save_figure(prefix_tree(example_prefix_trace()), args.out / "prefix_tree.png"),
+        save_figure(sampling_effects(example_logits(), labels=EXAMPLE_VOCAB), args.out / "sampling_processors.png"),
+        save_figure(beam_tree(example_beam_output(), len(BEAM_PROMPT), labels=BEAM_VOCAB.__getitem__),
+                    args.out / "beam_tree.png"),
+    ]
     for path in written:
         print(path)
     return 0
