@@ -1,10 +1,11 @@
-"""The ``nanoengine`` command: ``generate`` and ``bench`` (``serve`` and ``chat`` arrive with lesson 13)."""
+"""The ``nanoengine`` command: ``generate``, ``chat``, ``serve`` (lesson 13) and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from nanoengine import chat
 from nanoengine.bench import kv_memory, latency, prefix_cache, throughput
 
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoengine", description="vLLM rebuilt from scratch, as a course.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    chat.add_parser(sub)
     bench = sub.add_parser("bench", help="measure the engine (see docs/benchmarks.md)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     latency.add_parser(bench_commands)

@@ -1,0 +1,239 @@
+"""Lesson 13: the engine in a process of its own, behind an asyncio interface.
+
+A server spends its time on HTTP, JSON, tokenization and streaming; the engine spends its
+time in model steps. In one Python process they would take turns under the GIL, and every
+step would stall every open connection. So, as vLLM's engine core does, the step loop runs
+in a separate process (:func:`run_engine_core`), and the server's process talks to it through
+a pipe: requests and aborts go in, each step's outputs come back.
+
+:class:`AsyncEngine` is the server's side. Each request gets an async iterator of
+:class:`RequestOutput` snapshots. If its consumer stops early (the client went away), the
+request is aborted in the engine at once, which frees its KV blocks before the next step.
+Two threads keep the event loop from ever blocking on the pipe: one sends, one receives and
+hands outputs to the right request's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import queue
+import threading
+from collections.abc import AsyncIterator
+from multiprocessing.connection import Connection
+
+from transformers import PreTrainedTokenizerBase
+
+from nanoengine.engine.inputs import Prompt
+from nanoengine.outputs import RequestOutput
+from nanoengine.sampling_params import SamplingParams
+
+logger = logging.getLogger("nanoengine")
+
+# Put in a request's queue by ``abort``: the stream ends there.
+_ABORTED = object()
+
+
+@dataclasses.dataclass(slots=True)
+class EngineInfo:
+    """What the server needs to know about the loaded model, sent once it is ready."""
+
+    model_name: str
+    tokenizer: PreTrainedTokenizerBase
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+
+
+@dataclasses.dataclass(slots=True)
+class EngineMetrics:
+    """The engine's state after its latest step (``num_used_blocks``: held by a request;
+    cached free blocks are not counted)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks: int = 0
+    num_used_blocks: int = 0
+    prefix_cache_queried_blocks: int = 0
+    prefix_cache_hit_blocks: int = 0
+    num_preemptions: int = 0
+
+
+def _snapshot(engine) -> EngineMetrics:
+    kv, scheduler = engine.kv_cache_manager, engine.scheduler
+    return EngineMetrics(
+        num_running=len(scheduler.running),
+        num_waiting=len(scheduler.waiting),
+        num_blocks=kv.pool.num_blocks,
+        num_used_blocks=kv.pool.num_blocks - kv.num_free_blocks,
+        prefix_cache_queried_blocks=kv.stats.queried_blocks,
+        prefix_cache_hit_blocks=kv.stats.hit_blocks,
+        num_preemptions=scheduler.num_preemptions,
+    )
+
+
+def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> None:
+    """The engine process: load the model, then step while there is work.
+
+    Messages in: ``("add", request_id, prompt, params)``, ``("abort", request_id)``,
+    ``("shutdown",)``. Messages out: ``("ready", EngineInfo)`` or ``("failed", message)``
+    once, then ``("outputs", [RequestOutput], EngineMetrics)`` after every step or abort and
+    ``("error", request_id, message)`` for a request the engine refused. Waits on the pipe
+    when idle, polls it between steps when busy.
+    """
+    from nanoengine.llm import LLM
+
+    try:
+        llm = LLM(model, **llm_kwargs)
+    except Exception as exc:  # report why, the caller raises it
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    engine, loaded = llm.llm_engine, llm.loaded
+    conn.send(("ready", EngineInfo(
+        loaded.path.name, loaded.tokenizer, loaded.max_model_len, loaded.hf_config.vocab_size,
+        engine.kv_cache_manager.pool.num_blocks, engine.kv_cache_manager.block_size,
+    )))
+    while True:
+        try:
+            while not engine.has_unfinished_requests() or conn.poll():
+                message = conn.recv()
+                if message[0] == "shutdown":
+                    return
+                if message[0] == "add":
+                    _, request_id, prompt, params = message
+                    try:
+                        engine.add_request(request_id, prompt, params)
+                    except ValueError as exc:
+                        conn.send(("error", request_id, str(exc)))
+                elif message[0] == "abort":
+                    engine.abort_request(message[1])
+                    conn.send(("outputs", [], _snapshot(engine)))
+        except (EOFError, OSError):  # the server's process is gone
+            return
+        outputs = engine.step()
+        conn.send(("outputs", outputs, _snapshot(engine)))
+
+
+class AsyncEngine:
+    """The server's handle on the engine process.
+
+    Invariants: ``_streams`` holds a queue for every request submitted and not yet finished
+    or abandoned; every message to the engine goes through the sender thread, every message
+    from it through the receiver thread, so no coroutine ever waits on the pipe.
+    """
+
+    def __init__(self, process: multiprocessing.Process, conn: Connection, info: EngineInfo) -> None:
+        self.info = info
+        self._process = process
+        self._conn = conn
+        self._metrics = EngineMetrics(num_blocks=info.num_blocks)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._outbox: queue.Queue = queue.Queue()
+        self._dead: str | None = None
+        threading.Thread(target=self._send_loop, name="nanoengine-send", daemon=True).start()
+        threading.Thread(target=self._receive_loop, name="nanoengine-receive", daemon=True).start()
+
+    @classmethod
+    def start(cls, model: str | None = None, **llm_kwargs) -> AsyncEngine:
+        """Spawn the engine process and wait until its model is loaded (``LLM``'s arguments)."""
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        process = context.Process(target=run_engine_core, args=(model, llm_kwargs, theirs), name="nanoengine-core",
+                                  daemon=True)
+        process.start()
+        theirs.close()
+        try:
+            message = ours.recv()
+        except EOFError:
+            process.join()
+            raise RuntimeError(f"the engine process exited while loading (exit code {process.exitcode})") from None
+        if message[0] == "failed":
+            process.join()
+            raise ValueError(f"the engine could not start: {message[1]}")
+        return cls(process, ours, message[1])
+
+    def _send_loop(self) -> None:
+        while True:
+            message = self._outbox.get()
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):
+                return
+            if message[0] == "shutdown":
+                return
+
+    def _receive_loop(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                self._dead = "the engine process stopped"
+                for request_id in list(self._streams):
+                    self._deliver(request_id, RuntimeError(self._dead))
+                return
+            if message[0] == "outputs":
+                _, outputs, self._metrics = message
+                for output in outputs:
+                    self._deliver(output.request_id, output)
+            elif message[0] == "error":
+                self._deliver(message[1], ValueError(message[2]))
+
+    def _deliver(self, request_id: str, item: object) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, items = stream
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs as they come (the last is ``finished``).
+
+        Stopping early (``break``, ``aclose``, cancellation) aborts the request.
+        """
+        if self._dead:
+            raise RuntimeError(self._dead)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        items: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), items)
+        self._outbox.put(("add", request_id, prompt, params))
+        finished = False
+        try:
+            while not finished:
+                item = await items.get()
+                if item is _ABORTED:
+                    return
+                if isinstance(item, Exception):
+                    finished = True  # the engine never took it, or is gone: nothing to abort
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            del self._streams[request_id]
+            if not finished:  # abandoned by its consumer (or aborted, which is harmless to repeat)
+                self._outbox.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request now; its stream ends without a finished output."""
+        self._outbox.put(("abort", request_id))
+        self._deliver(request_id, _ABORTED)
+
+    def metrics(self) -> EngineMetrics:
+        return self._metrics
+
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._process.is_alive()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def shutdown(self) -> None:
+        """Stop the engine process (waits a few seconds, then kills it)."""
+        self._outbox.put(("shutdown",))
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()

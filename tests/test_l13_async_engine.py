@@ -1,0 +1,113 @@
+"""Lesson 13: the engine in its own process, behind asyncio: many requests at once, early
+exits abort, refused requests raise, and a dead engine process is reported, never hung on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nanoengine.engine.async_engine import AsyncEngine
+from nanoengine.engine.inputs import Prompt
+from nanoengine.sampling_params import SamplingParams
+from tests.engines import alone
+
+pytestmark = pytest.mark.l13
+
+NAME = "llama-gqa"
+
+
+@pytest.fixture(scope="module")
+def engine(zoo_paths):
+    started = AsyncEngine.start(str(zoo_paths[NAME]), dtype="float32", kv_cache_memory_bytes=2**22, block_size=4)
+    yield started
+    started.shutdown()
+
+
+async def _last(engine, prompt, params, request_id):
+    last = None
+    async for out in engine.generate(Prompt(None, prompt), params, request_id):
+        last = out
+    return last
+
+
+def test_concurrent_requests_equal_their_runs_alone(engine, ours):
+    greedy = SamplingParams(temperature=0, max_tokens=6, min_tokens=6)
+    prompts = [[1, 2, 3 + i] for i in range(8)]
+
+    async def run():
+        return await asyncio.gather(*(_last(engine, p, greedy, f"c{i}") for i, p in enumerate(prompts)))
+
+    outputs = asyncio.run(run())
+    assert all(out.finished for out in outputs)
+    for prompt, out in zip(prompts, outputs):
+        assert out.outputs[0].token_ids == alone(ours(NAME), prompt, greedy)
+    assert engine.info.model_name == NAME and engine.info.vocab_size == 320
+
+
+def test_a_consumer_that_stops_early_aborts_and_frees_its_blocks(engine):
+    async def run():
+        stream = engine.generate(Prompt(None, [4, 5, 6]), SamplingParams(max_tokens=200, ignore_eos=True), "quitter")
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                break
+        await stream.aclose()
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            metrics = engine.metrics()
+            if metrics.num_running == 0 and metrics.num_used_blocks == 0:
+                return metrics
+        return engine.metrics()
+
+    metrics = asyncio.run(run())
+    assert (metrics.num_running, metrics.num_waiting, metrics.num_used_blocks) == (0, 0, 0)
+    assert engine.num_unfinished == 0
+
+
+def test_abort_ends_the_stream(engine):
+    async def run():
+        outputs = []
+
+        async def consume():
+            async for out in engine.generate(Prompt(None, [7, 8]), SamplingParams(max_tokens=500, ignore_eos=True), "ab"):
+                outputs.append(out)
+
+        task = asyncio.create_task(consume())
+        while not outputs:
+            await asyncio.sleep(0.01)
+        await engine.abort("ab")
+        await asyncio.wait_for(task, timeout=5)
+        return outputs
+
+    outputs = asyncio.run(run())
+    assert outputs and not outputs[-1].finished
+
+
+def test_a_refused_request_raises_and_others_go_on(engine):
+    async def run():
+        good = asyncio.create_task(_last(engine, [1, 2], SamplingParams(temperature=0, max_tokens=4), "good"))
+        with pytest.raises(ValueError, match="logit_bias"):
+            await _last(engine, [1, 2], SamplingParams(logit_bias={5000: 1.0}), "bad")
+        return await good
+
+    assert asyncio.run(run()).finished
+
+
+def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="could not start"):
+        AsyncEngine.start(str(tmp_path / "nothing-here"))
+
+
+def test_the_terminal_chat_streams_a_reply_and_exits(zoo_paths):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "nanoengine", "chat", str(zoo_paths[NAME]), "--dtype", "float32", "--max-tokens", "5"],
+        input="hello\n/reset\n/exit\n", capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "chatting with llama-gqa" in done.stdout and done.stdout.count("you> ") == 3
+    assert "model> " in done.stdout
