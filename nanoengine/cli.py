@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from nanoengine import chat
-from nanoengine.bench import kv_memory, latency, prefix_cache, throughput
+from nanoengine.bench import kv_memory, latency, prefix_cache, serve, throughput
+from nanoengine.server import launcher
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -46,12 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     chat.add_parser(sub)
+    launcher.add_parser(sub)
     bench = sub.add_parser("bench", help="measure the engine (see docs/benchmarks.md)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     latency.add_parser(bench_commands)
     kv_memory.add_parser(bench_commands)
     throughput.add_parser(bench_commands)
     prefix_cache.add_parser(bench_commands)
+    serve.add_parser(bench_commands)
     return parser
 
 

@@ -3,6 +3,9 @@ KV budget, and the one-at-a-time engine as the "alone" oracle."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+
 from nanoengine.config import CacheConfig, SchedulerConfig
 from nanoengine.engine.inputs import Prompt
 from nanoengine.engine.llm_engine import LLMEngine
@@ -49,3 +52,10 @@ def alone(loaded, prompt, params):
     while naive.has_unfinished_requests():
         outputs += naive.step()
     return outputs[-1].outputs[0].token_ids
+
+
+def run_async(coroutine):
+    """``asyncio.run`` in a thread of its own, so it also works under a running event loop
+    (``check("l13")`` in a notebook runs the tests inside Jupyter's loop)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()

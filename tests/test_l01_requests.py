@@ -112,6 +112,7 @@ def test_chat_renders_the_template(llm):
         (["a", "b"], [SamplingParams()], "list of 2"),
         ("a", SamplingParams(n=2), "SamplingParams.n=2: the one-at-a-time NaiveEngine"),
         ("a", SamplingParams(logit_bias={5000: 1.0}), "logit_bias has token ids outside the vocabulary"),
+        ("a", SamplingParams(stop_token_ids=[5000]), "stop_token_ids has token ids outside the vocabulary"),
     ],
 )
 def test_bad_input_is_a_clear_error(llm, prompts, params, message):

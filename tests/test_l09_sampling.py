@@ -288,3 +288,10 @@ def test_logprobs_are_the_raw_distribution_at_the_chosen_and_top_tokens(logits, 
         torch.testing.assert_close(torch.tensor(got.logprobs[1:]), raw[i].topk(min(k, vocab)).values,
                                    atol=1e-6, rtol=0)
         assert got.ranks == [1 + int((raw[i] > raw[i, t]).sum()) for t in got.token_ids]
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_everything():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    huge = SamplingParams(temperature=1.0, top_k=10**30, seed=1)
+    out = sample(logits, [SamplingRow(huge, torch.Generator().manual_seed(1))], torch.Generator())
+    assert out.token_ids[0] in (0, 1, 2)

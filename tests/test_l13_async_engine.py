@@ -10,7 +10,7 @@ import pytest
 from nanoengine.engine.async_engine import AsyncEngine
 from nanoengine.engine.inputs import Prompt
 from nanoengine.sampling_params import SamplingParams
-from tests.engines import alone
+from tests.engines import alone, run_async
 
 pytestmark = pytest.mark.l13
 
@@ -31,6 +31,7 @@ async def _last(engine, prompt, params, request_id):
     return last
 
 
+@pytest.mark.l13_t1
 def test_concurrent_requests_equal_their_runs_alone(engine, ours):
     greedy = SamplingParams(temperature=0, max_tokens=6, min_tokens=6)
     prompts = [[1, 2, 3 + i] for i in range(8)]
@@ -38,13 +39,14 @@ def test_concurrent_requests_equal_their_runs_alone(engine, ours):
     async def run():
         return await asyncio.gather(*(_last(engine, p, greedy, f"c{i}") for i, p in enumerate(prompts)))
 
-    outputs = asyncio.run(run())
+    outputs = run_async(run())
     assert all(out.finished for out in outputs)
     for prompt, out in zip(prompts, outputs):
         assert out.outputs[0].token_ids == alone(ours(NAME), prompt, greedy)
     assert engine.info.model_name == NAME and engine.info.vocab_size == 320
 
 
+@pytest.mark.l13_t1
 def test_a_consumer_that_stops_early_aborts_and_frees_its_blocks(engine):
     async def run():
         stream = engine.generate(Prompt(None, [4, 5, 6]), SamplingParams(max_tokens=200, ignore_eos=True), "quitter")
@@ -61,11 +63,12 @@ def test_a_consumer_that_stops_early_aborts_and_frees_its_blocks(engine):
                 return metrics
         return engine.metrics()
 
-    metrics = asyncio.run(run())
+    metrics = run_async(run())
     assert (metrics.num_running, metrics.num_waiting, metrics.num_used_blocks) == (0, 0, 0)
     assert engine.num_unfinished == 0
 
 
+@pytest.mark.l13_t1
 def test_abort_ends_the_stream(engine):
     async def run():
         outputs = []
@@ -81,10 +84,11 @@ def test_abort_ends_the_stream(engine):
         await asyncio.wait_for(task, timeout=5)
         return outputs
 
-    outputs = asyncio.run(run())
+    outputs = run_async(run())
     assert outputs and not outputs[-1].finished
 
 
+@pytest.mark.l13_t1
 def test_a_refused_request_raises_and_others_go_on(engine):
     async def run():
         good = asyncio.create_task(_last(engine, [1, 2], SamplingParams(temperature=0, max_tokens=4), "good"))
@@ -92,7 +96,7 @@ def test_a_refused_request_raises_and_others_go_on(engine):
             await _last(engine, [1, 2], SamplingParams(logit_bias={5000: 1.0}), "bad")
         return await good
 
-    assert asyncio.run(run()).finished
+    assert run_async(run()).finished
 
 
 def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
@@ -111,3 +115,15 @@ def test_the_terminal_chat_streams_a_reply_and_exits(zoo_paths):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "chatting with llama-gqa" in done.stdout and done.stdout.count("you> ") == 3
     assert "model> " in done.stdout
+
+
+def test_request_lives_figure_reads_what_the_client_saw():
+    from nanoengine.viz import RequestLife, request_lives
+    from nanoengine.viz.style import figure_png
+
+    lives = [RequestLife("a", 0.0, (0.5, 0.6, 0.7)), RequestLife("b", 0.1, (1.1, 1.15, 2.0))]
+    assert lives[0].ttft == 0.5 and lives[1].ttft == pytest.approx(1.0)
+    assert lives[1].longest_gap == pytest.approx(0.85) and RequestLife("c", 0, (1.0,)).longest_gap == 0
+    assert figure_png(request_lives(lives)) == figure_png(request_lives(lives))
+    with pytest.raises(ValueError, match="at least one streamed chunk"):
+        request_lives([RequestLife("d", 0.0, ())])

@@ -190,7 +190,11 @@ class AsyncEngine:
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs as they come (the last is ``finished``).
 
-        Stopping early (``break``, ``aclose``, cancellation) aborts the request.
+        Stopping early (``break``, ``aclose``, cancellation) aborts the request. The loop
+        (task L13.T1) waits on the request's queue: the ``_ABORTED`` marker ends the stream
+        quietly, an exception (a refused request, a dead engine) is raised, an output is
+        yielded, and the loop ends after a finished one. However it ends, the request's queue
+        leaves ``_streams``, and a request that did not finish is aborted in the engine.
         """
         if self._dead:
             raise RuntimeError(self._dead)
@@ -200,6 +204,7 @@ class AsyncEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), items)
         self._outbox.put(("add", request_id, prompt, params))
         finished = False
+        # BEGIN SOLUTION L13.T1
         try:
             while not finished:
                 item = await items.get()
@@ -214,6 +219,7 @@ class AsyncEngine:
             del self._streams[request_id]
             if not finished:  # abandoned by its consumer (or aborted, which is harmless to repeat)
                 self._outbox.put(("abort", request_id))
+        # END SOLUTION
 
     async def abort(self, request_id: str) -> None:
         """Stop a request now; its stream ends without a finished output."""

@@ -70,11 +70,15 @@ def params_per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams]
 
 
 def check_params_for_model(params: SamplingParams, vocab_size: int) -> None:
-    """The checks a SamplingParams can only pass against a model: token ids in its vocabulary."""
+    """The checks a SamplingParams can only pass against a model: token ids in its vocabulary
+    (a bad id would otherwise fail deep inside the sampler, in the middle of a batch)."""
     if params.logit_bias:
         bad = [t for t in params.logit_bias if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    bad = [t for t in params.stop_token_ids if t >= vocab_size]
+    if bad:
+        raise ValueError(f"stop_token_ids has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(params, name)
         if value is not None and value > vocab_size:

@@ -79,7 +79,8 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     if any(p.min_p > 0 for p in params):
         logits = apply_min_p(logits, _per_row(params, "min_p", logits.device))
     if any(p.top_k > 0 for p in params):
-        logits = apply_top_k(logits, _per_row(params, "top_k", logits.device, torch.long))
+        vocab = logits.shape[-1]  # a k beyond the vocabulary keeps everything (and may not fit a long)
+        logits = apply_top_k(logits, torch.tensor([min(p.top_k, vocab) for p in params], device=logits.device))
     if any(p.top_p < 1 for p in params):
         logits = apply_top_p(logits, _per_row(params, "top_p", logits.device))
     return logits.softmax(dim=-1)
@@ -108,10 +109,8 @@ def draw_tokens(
     return (probs / noise).argmax(dim=-1)
 
 
-def _per_row(
-    params: Sequence[SamplingParams], name: str, device: torch.device, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+def _per_row(params: Sequence[SamplingParams], name: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor([getattr(p, name) for p in params], dtype=torch.float32, device=device)
 
 
 def _ban(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> torch.Tensor:

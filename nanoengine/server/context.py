@@ -1,0 +1,93 @@
+"""What every handler shares: the engine, the served name, the chat template, admission, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+from transformers import PreTrainedTokenizerBase
+
+from nanoengine.engine.async_engine import AsyncEngine, EngineInfo
+from nanoengine.server.errors import APIError
+from nanoengine.server.metrics import ServerMetrics
+from nanoengine.server.protocol import ChatMessage, message_text
+
+
+class Admission:
+    """Places held in the queue; ``release`` (or leaving the ``with`` block) gives them back, once."""
+
+    def __init__(self, context: ServingContext, count: int) -> None:
+        self.context = context
+        self.count = count
+
+    def release(self) -> None:
+        self.context.in_flight -= self.count
+        self.count = 0
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def new_id(prefix: str) -> str:
+    """A response id in OpenAI's form (``cmpl-...``, ``chatcmpl-...``), unique across restarts."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclasses.dataclass(slots=True)
+class ServingContext:
+    """One app's state.
+
+    Invariant: ``in_flight`` counts the engine requests this app has admitted and whose
+    streams are still open; it is checked and raised without an ``await`` in between, so
+    concurrent handlers cannot all slip past ``max_queued_requests`` together.
+    """
+
+    engine: AsyncEngine
+    model_name: str
+    chat_template: str | None
+    max_queued_requests: int | None
+    metrics: ServerMetrics
+    in_flight: int = 0
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.engine.info.tokenizer
+
+    def check_model(self, requested: str | None) -> None:
+        """A client may name the served model or none; any other name is a 404 (as OpenAI)."""
+        if requested is not None and requested != self.model_name:
+            raise APIError(404, f"The model `{requested}` does not exist.", "model")
+
+    def admit(self, count: int) -> Admission:
+        """Hold ``count`` places in the queue until released; 503 if they would overflow it."""
+        limit = self.max_queued_requests
+        if limit is not None and self.in_flight + count > limit:
+            raise APIError(503, f"the server is busy: {self.in_flight} requests in flight, at most {limit} "
+                                "(--max-queued-requests); retry later")
+        self.in_flight += count
+        return Admission(self, count)
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        """The conversation as the model's prompt: its text and token ids.
+
+        The rendered text already holds the template's special tokens, so it is tokenized
+        without adding more (as ``LLM.chat``).
+        """
+        if not messages:
+            raise ValueError("messages must hold at least one message")
+        conversation = [{"role": m.role, "content": message_text(m)} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except Exception as exc:  # a missing template or one that refuses the conversation
+            raise ValueError(f"cannot apply the chat template: {exc}") from None
+        return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]

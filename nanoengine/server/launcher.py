@@ -1,0 +1,101 @@
+"""``nanoengine serve``: start the engine process, then serve the OpenAI API with uvicorn.
+
+The engine loads first (and logs its KV cache capacity), so a bad flag or model fails
+before any port is opened; the engine process is shut down however the server stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from nanoengine.config import DTYPES, parse_size
+
+logger = logging.getLogger("nanoengine")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``serve`` subcommand, with vLLM's flag names."""
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Serve a model over an OpenAI-compatible HTTP API (as `vllm serve`).")
+    p.add_argument("model", nargs="?", default=None, help="bundled name, HF directory or .gguf (default: SmolLM2)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step")
+    memory = p.add_mutually_exclusive_group()
+    memory.add_argument("--kv-cache-memory", type=_size, default=None, metavar="SIZE",
+                        help="KV cache size: bytes or with a unit (512MiB, 1GiB)")
+    memory.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                        help="share of the GPU's free memory for the KV cache (default 0.9)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of shared prompt prefixes")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="split long prompts across engine steps")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--seed", type=int, default=0, help="engine seed")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="requests in flight beyond which new ones get 503")
+    p.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=serve)
+    return p
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """``LLM``'s keyword arguments from the flags (left out where the flag was not given)."""
+    kwargs = dict(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed, block_size=args.block_size,
+                  kv_cache_memory_bytes=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
+                  enable_chunked_prefill=args.enable_chunked_prefill)
+    if args.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+    return kwargs
+
+
+def _read_chat_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--chat-template: no such file: {path}")
+    return file.read_text(encoding="utf-8")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server until interrupted; returns the exit code."""
+    import uvicorn
+
+    from nanoengine.engine.async_engine import AsyncEngine
+    from nanoengine.server.app import build_app
+
+    chat_template = _read_chat_template(args.chat_template)
+    if args.max_queued_requests is not None and args.max_queued_requests < 1:
+        raise ValueError(f"--max-queued-requests must be a positive integer; got {args.max_queued_requests}")
+    try:
+        engine = AsyncEngine.start(args.model, **engine_kwargs(args))
+    except RuntimeError as exc:
+        logger.error("%s", exc)
+        return 1
+    try:
+        app = build_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
+                        chat_template=chat_template, max_queued_requests=args.max_queued_requests)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        logger.info("serving %s at http://%s:%d (OpenAI API under /v1)", app.state.context.model_name, host, args.port)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+    return 0
