@@ -127,3 +127,28 @@ def test_request_lives_figure_reads_what_the_client_saw():
     assert figure_png(request_lives(lives)) == figure_png(request_lives(lives))
     with pytest.raises(ValueError, match="at least one streamed chunk"):
         request_lives([RequestLife("d", 0.0, ())])
+
+
+@pytest.mark.l13_t1
+def test_outputs_cross_the_pipe_as_deltas_and_merge_back(llm_for):
+    import copy
+
+    from nanoengine.engine.async_engine import merge_output, only_new
+
+    llm = llm_for(NAME)
+    engine = llm.llm_engine
+    params = SamplingParams(n=2, temperature=0.8, seed=4, max_tokens=6, min_tokens=6, logprobs=3, prompt_logprobs=1)
+    engine.add_request("d", Prompt(None, [3, 4, 5, 6]), params)
+    sent, snapshot, steps = {}, None, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            steps.append(copy.deepcopy(out))
+            delta = only_new(out, sent)
+            if snapshot is not None:
+                assert delta.prompt_token_ids == [] and all(len(c.token_ids) == 1 for c in delta.outputs)
+            snapshot = delta if snapshot is None else merge_output(snapshot, delta)
+    final = steps[-1]
+    assert snapshot.finished and sent == {}
+    assert snapshot.prompt_token_ids == final.prompt_token_ids and snapshot.prompt_logprobs == final.prompt_logprobs
+    assert [(c.index, c.token_ids, c.logprobs, c.text, c.cumulative_logprob, c.finish_reason) for c in snapshot.outputs] \
+        == [(c.index, c.token_ids, c.logprobs, c.text, c.cumulative_logprob, c.finish_reason) for c in final.outputs]

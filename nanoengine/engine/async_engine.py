@@ -75,12 +75,56 @@ def _snapshot(engine) -> EngineMetrics:
     )
 
 
+def only_new(output: RequestOutput, sent: dict[str, dict[int, int]]) -> RequestOutput:
+    """Cut ``output`` down to what the server's side does not have yet: each sequence's new
+    tokens and logprobs, and the prompt (with its logprobs) only the first time.
+
+    A cumulative snapshot grows with the request, so sending one every step would cost time
+    quadratic in its length (with 20 logprobs a token, that is most of a long request's
+    time). ``sent`` counts the tokens already sent per request and sequence; text, finish
+    reasons and the cumulative logprob are small and sent whole. :func:`merge_output` undoes it.
+    """
+    counts = sent.get(output.request_id)
+    if counts is None:
+        counts = sent[output.request_id] = {}
+    else:
+        output.prompt_token_ids, output.prompt_logprobs = [], None
+    for completion in output.outputs:
+        already = counts.get(completion.index, 0)
+        completion.token_ids = completion.token_ids[already:]
+        if completion.logprobs is not None:
+            completion.logprobs = completion.logprobs[already:]
+        counts[completion.index] = already + len(completion.token_ids)
+    if output.finished:
+        del sent[output.request_id]
+    return output
+
+
+def merge_output(snapshot: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """Bring a request's cumulative ``snapshot`` up to date with ``new`` (from :func:`only_new`),
+    in place, and return it."""
+    by_index = {completion.index: completion for completion in snapshot.outputs}
+    for completion in new.outputs:
+        have = by_index.get(completion.index)
+        if have is None:
+            snapshot.outputs.append(completion)
+            continue
+        have.token_ids.extend(completion.token_ids)
+        if completion.logprobs is not None:
+            have.logprobs.extend(completion.logprobs)
+        have.text, have.cumulative_logprob = completion.text, completion.cumulative_logprob
+        have.finish_reason, have.stop_reason = completion.finish_reason, completion.stop_reason
+    snapshot.finished, snapshot.metrics = new.finished, new.metrics
+    return snapshot
+
+
 def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> None:
     """The engine process: load the model, then step while there is work.
 
     Messages in: ``("add", request_id, prompt, params)``, ``("abort", request_id)``,
     ``("shutdown",)``. Messages out: ``("ready", EngineInfo)`` or ``("failed", message)``
-    once, then ``("outputs", [RequestOutput], EngineMetrics)`` after every step or abort and
+    once, then ``("outputs", [RequestOutput], EngineMetrics)`` after every step or abort (each
+    output carries only what is new since the last one: see :func:`only_new`) and
     ``("error", request_id, message)`` for a request the engine refused. Waits on the pipe
     when idle, polls it between steps when busy.
     """
@@ -92,6 +136,7 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     engine, loaded = llm.llm_engine, llm.loaded
+    sent: dict[str, dict[int, int]] = {}  # request id -> sequence index -> tokens already sent
     conn.send(("ready", EngineInfo(
         loaded.path.name, loaded.tokenizer, loaded.max_model_len, loaded.hf_config.vocab_size,
         engine.kv_cache_manager.pool.num_blocks, engine.kv_cache_manager.block_size,
@@ -110,10 +155,11 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
                         conn.send(("error", request_id, str(exc)))
                 elif message[0] == "abort":
                     engine.abort_request(message[1])
+                    sent.pop(message[1], None)
                     conn.send(("outputs", [], _snapshot(engine)))
         except (EOFError, OSError):  # the server's process is gone
             return
-        outputs = engine.step()
+        outputs = [only_new(output, sent) for output in engine.step()]
         conn.send(("outputs", outputs, _snapshot(engine)))
 
 
@@ -192,8 +238,10 @@ class AsyncEngine:
 
         Stopping early (``break``, ``aclose``, cancellation) aborts the request. The loop
         (task L13.T1) waits on the request's queue: the ``_ABORTED`` marker ends the stream
-        quietly, an exception (a refused request, a dead engine) is raised, an output is
-        yielded, and the loop ends after a finished one. However it ends, the request's queue
+        quietly, an exception (a refused request, a dead engine) is raised, and an output (only
+        what is new, see :func:`only_new`) is merged into the request's cumulative snapshot,
+        which is yielded; the loop ends after a finished one. The snapshot is one object,
+        updated in place from step to step: copy what you need to keep. However it ends, the request's queue
         leaves ``_streams``, and a request that did not finish is aborted in the engine.
         """
         if self._dead:
@@ -203,7 +251,7 @@ class AsyncEngine:
         items: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), items)
         self._outbox.put(("add", request_id, prompt, params))
-        finished = False
+        finished, snapshot = False, None
         # BEGIN SOLUTION L13.T1
         try:
             while not finished:
@@ -213,8 +261,9 @@ class AsyncEngine:
                 if isinstance(item, Exception):
                     finished = True  # the engine never took it, or is gone: nothing to abort
                     raise item
-                finished = item.finished
-                yield item
+                snapshot = item if snapshot is None else merge_output(snapshot, item)
+                finished = snapshot.finished
+                yield snapshot
         finally:
             del self._streams[request_id]
             if not finished:  # abandoned by its consumer (or aborted, which is harmless to repeat)
