@@ -152,3 +152,70 @@ def test_outputs_cross_the_pipe_as_deltas_and_merge_back(llm_for):
     assert snapshot.prompt_token_ids == final.prompt_token_ids and snapshot.prompt_logprobs == final.prompt_logprobs
     assert [(c.index, c.token_ids, c.logprobs, c.text, c.cumulative_logprob, c.finish_reason) for c in snapshot.outputs] \
         == [(c.index, c.token_ids, c.logprobs, c.text, c.cumulative_logprob, c.finish_reason) for c in final.outputs]
+
+
+def _same_logprobs(ours, theirs):
+    """Equal positions, tokens, ranks and texts; values within float32 noise (the two engines'
+    KV blocks differ in size, so their attention sums round differently)."""
+    if ours is None or theirs is None:
+        assert ours is theirs
+        return
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert [(t, x.rank, x.decoded_token) for t, x in a.items()] == [(t, x.rank, x.decoded_token) for t, x in b.items()]
+            assert [x.logprob for x in a.values()] == pytest.approx([x.logprob for x in b.values()], abs=1e-4)
+
+
+@pytest.mark.l13_t1
+@pytest.mark.parametrize("include_stop", [False, True])
+def test_text_made_in_front_of_the_engine_equals_offline_text(engine, llm_for, include_stop):
+    """The engine process sends tokens only; the async engine makes the text and ends sequences
+    on stop strings. Everything a user sees must equal the offline engine's answer."""
+    llm = llm_for(NAME)
+    prompt = [9, 8, 7, 6, 5]
+    free = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    text = free.outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), f"no usable stop string in {text!r}"
+    cases = [
+        SamplingParams(temperature=0, max_tokens=12, stop=[stop], include_stop_str_in_output=include_stop,
+                       logprobs=2, prompt_logprobs=1),
+        SamplingParams(n=2, temperature=0.9, seed=6, max_tokens=10, stop=[stop], logprobs=1),
+    ]
+    for i, params in enumerate(cases):
+        offline = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        ours = run_async(_last(engine, prompt, params, f"text-{include_stop}-{i}"))
+        assert ours.finished
+        _same_logprobs(ours.prompt_logprobs, offline.prompt_logprobs)
+        for a, b in zip(ours.outputs, offline.outputs, strict=True):
+            assert (a.index, a.text, a.token_ids, a.finish_reason, a.stop_reason) == \
+                (b.index, b.text, b.token_ids, b.finish_reason, b.stop_reason)
+            _same_logprobs(a.logprobs, b.logprobs)
+            assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-4)
+    assert engine.num_unfinished == 0
+
+
+@pytest.mark.l13_t1
+def test_a_stop_string_inside_a_multi_token_delta_cuts_the_tokens_after_it(llm_for):
+    """One step may bring several tokens (speculative decoding, lesson 10): the tokens after a
+    stop string are dropped, with their logprobs."""
+    from nanoengine.engine.async_engine import FrontendText
+    from nanoengine.outputs import CompletionOutput, RequestOutput
+
+    llm = llm_for(NAME)
+    prompt = [9, 8, 7, 6, 5]
+    free = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=12, logprobs=1),
+                        use_tqdm=False)[0].outputs[0]
+    stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 2]
+    params = SamplingParams(temperature=0, max_tokens=12, stop=[stop], logprobs=1)
+    stopped = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0]
+    assert len(stopped.token_ids) < len(free.token_ids)
+    delta = RequestOutput("r", None, prompt, None, [CompletionOutput(0, "", list(free.token_ids), free.cumulative_logprob,
+                                                                     list(free.logprobs), "length")], True)
+    (cut,) = FrontendText(llm.get_tokenizer(), prompt, params).apply(delta).outputs
+    assert (cut.text, cut.token_ids, cut.finish_reason, cut.stop_reason) == \
+        (stopped.text, stopped.token_ids, "stop", stop)
+    assert len(cut.logprobs) == len(cut.token_ids)
+    assert cut.cumulative_logprob == pytest.approx(stopped.cumulative_logprob, abs=1e-5)

@@ -27,7 +27,8 @@ from multiprocessing.connection import Connection
 from transformers import PreTrainedTokenizerBase
 
 from nanoengine.engine.inputs import Prompt
-from nanoengine.outputs import RequestOutput
+from nanoengine.engine.output_processor import TextStream
+from nanoengine.outputs import PositionLogprobs, RequestOutput
 from nanoengine.sampling_params import SamplingParams
 
 logger = logging.getLogger("nanoengine")
@@ -116,6 +117,61 @@ def merge_output(snapshot: RequestOutput, new: RequestOutput) -> RequestOutput:
         have.finish_reason, have.stop_reason = completion.finish_reason, completion.stop_reason
     snapshot.finished, snapshot.metrics = new.finished, new.metrics
     return snapshot
+
+
+class FrontendText:
+    """The server's side of one request's text: the engine process sends token ids only.
+
+    Detokenizing and matching stop strings here keeps that work off the engine's step loop
+    (as vLLM's front end does). When a stop string ends a sequence, its later tokens from the
+    engine (which ran on meanwhile) are dropped; the request's stream ends, and so its abort
+    frees the engine's blocks, once every sequence has ended.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.streams: dict[int, TextStream] = {}
+        self.counts: dict[int, int] = {}
+
+    def apply(self, output: RequestOutput) -> RequestOutput:
+        """Give ``output`` (new tokens only, from :func:`only_new`) its text, in place."""
+        kept = []
+        for completion in output.outputs:
+            stream = self.streams.get(completion.index)
+            if stream is None:
+                stream = self.streams[completion.index] = TextStream(self.tokenizer, self.prompt_token_ids, self.params)
+            elif completion.index not in self.counts:
+                continue  # ended on a stop string already
+            self._add_tokens(stream, completion)
+            self._name_tokens(completion.logprobs or [])
+            kept.append(completion)
+        self._name_tokens(output.prompt_logprobs[1:] if output.prompt_logprobs else [])
+        output.outputs = kept
+        return output
+
+    def _add_tokens(self, stream: TextStream, completion) -> None:
+        ended = completion.finish_reason is not None
+        for i, token in enumerate(completion.token_ids):
+            count = self.counts[completion.index] = self.counts.get(completion.index, 0) + 1
+            last = ended and i == len(completion.token_ids) - 1
+            stop = stream.add(token, count, last, last and completion.finish_reason == "stop")
+            if stop is not None:
+                if completion.logprobs is not None:
+                    dropped = zip(completion.token_ids[i + 1 :], completion.logprobs[i + 1 :])
+                    completion.cumulative_logprob -= sum(position[t].logprob for t, position in dropped)
+                    completion.logprobs = completion.logprobs[: i + 1]
+                completion.token_ids = completion.token_ids[: i + 1]
+                completion.finish_reason, completion.stop_reason = "stop", stop
+                del self.counts[completion.index]
+                break
+        completion.text = stream.text
+
+    def _name_tokens(self, positions: list[PositionLogprobs | None]) -> None:
+        for position in positions:
+            for token, logprob in (position or {}).items():
+                logprob.decoded_token = self.tokenizer.decode([token])
 
 
 def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> None:
@@ -239,10 +295,12 @@ class AsyncEngine:
         Stopping early (``break``, ``aclose``, cancellation) aborts the request. The loop
         (task L13.T1) waits on the request's queue: the ``_ABORTED`` marker ends the stream
         quietly, an exception (a refused request, a dead engine) is raised, and an output (only
-        what is new, see :func:`only_new`) is merged into the request's cumulative snapshot,
-        which is yielded; the loop ends after a finished one. The snapshot is one object,
-        updated in place from step to step: copy what you need to keep. However it ends, the request's queue
-        leaves ``_streams``, and a request that did not finish is aborted in the engine.
+        what is new, see :func:`only_new`) gets its text (:class:`FrontendText`) and is merged
+        into the request's cumulative snapshot, which is yielded; the loop ends once the engine
+        finished the request or every sequence ended (a stop string). The snapshot is one
+        object, updated in place from step to step: copy what you need to keep. However the
+        loop ends, the request's queue leaves ``_streams``, and a request the engine did not
+        finish is aborted there.
         """
         if self._dead:
             raise RuntimeError(self._dead)
@@ -250,23 +308,29 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         items: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), items)
+        text = None
+        if params.detokenize:  # the engine sends tokens; text and stop strings are made here
+            text = FrontendText(self.info.tokenizer, prompt.token_ids, params)
+            params = dataclasses.replace(params, stop=[], detokenize=False)
         self._outbox.put(("add", request_id, prompt, params))
-        finished, snapshot = False, None
+        engine_finished, snapshot = False, None
         # BEGIN SOLUTION L13.T1
         try:
-            while not finished:
+            while snapshot is None or not snapshot.finished:
                 item = await items.get()
                 if item is _ABORTED:
                     return
                 if isinstance(item, Exception):
-                    finished = True  # the engine never took it, or is gone: nothing to abort
+                    engine_finished = True  # the engine never took it, or is gone: nothing to abort
                     raise item
+                engine_finished = item.finished
+                item = text.apply(item) if text is not None else item
                 snapshot = item if snapshot is None else merge_output(snapshot, item)
-                finished = snapshot.finished
+                snapshot.finished = engine_finished or all(c.finish_reason for c in snapshot.outputs)
                 yield snapshot
         finally:
             del self._streams[request_id]
-            if not finished:  # abandoned by its consumer (or aborted, which is harmless to repeat)
+            if not engine_finished:  # abandoned, aborted, or ended on stop strings: free the engine's blocks
                 self._outbox.put(("abort", request_id))
         # END SOLUTION
 

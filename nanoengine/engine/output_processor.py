@@ -18,42 +18,72 @@ from nanoengine.engine.stop_checker import check_token_stop, find_stop_string
 from nanoengine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from nanoengine.request import Request, RequestStatus
 from nanoengine.sampling import TokenLogprobs
+from nanoengine.sampling_params import SamplingParams
 
 
-def position_logprobs(entry: TokenLogprobs, tokenizer: PreTrainedTokenizerBase) -> PositionLogprobs:
-    """The user-facing form of one position's logprobs: token id -> Logprob (with its text)."""
+def position_logprobs(entry: TokenLogprobs, tokenizer: PreTrainedTokenizerBase | None) -> PositionLogprobs:
+    """The user-facing form of one position's logprobs: token id -> Logprob, with each
+    token's text when a tokenizer is given (None: the request asked for no text)."""
     return {
-        token: Logprob(logprob, rank, tokenizer.decode([token]))
+        token: Logprob(logprob, rank, None if tokenizer is None else tokenizer.decode([token]))
         for token, logprob, rank in zip(entry.token_ids, entry.logprobs, entry.ranks)
     }
+
+
+class TextStream:
+    """A sequence's text as its tokens arrive: incremental detokenization and stop strings.
+
+    Used in the engine (offline) and, in front of a separate engine process, by the async
+    engine, so text is made in one way only. Invariant: ``text`` is the output text so far,
+    cut before a matched stop string (after it with ``include_stop_str_in_output``).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.params = params
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self.text = ""
+
+    def add(self, token: int, num_output: int, last: bool, stopped_by_token: bool) -> str | None:
+        """Append the sequence's ``num_output``-th token (``last``: the sequence ends with it;
+        ``stopped_by_token``: it ended on EOS or a stop token). Returns the stop string the
+        token completed, if any; the sequence then ends here, its text cut."""
+        delta = self.detokenizer.add(token) + (self.detokenizer.flush() if last else "")
+        self.text = self.detokenizer.text
+        params = self.params
+        if not params.stop or stopped_by_token or num_output < params.min_tokens:
+            return None
+        match = find_stop_string(self.text, len(delta), params.stop, params.include_stop_str_in_output)
+        if match is None:
+            return None
+        stop, cut = match
+        self.text = self.text[:cut]
+        return stop
 
 
 class OutputProcessor:
     """One sequence's text, logprobs and stopping state.
 
-    Invariant: ``text`` is the sequence's output text so far, cut before a matched stop
-    string (or after it, with ``include_stop_str_in_output``); once the sequence has
-    finished, no token is processed.
+    Invariant: ``text`` is the sequence's output text so far (see :class:`TextStream`); once
+    the sequence has finished, no token is processed.
     """
 
     def __init__(self, request: Request, tokenizer: PreTrainedTokenizerBase, max_model_len: int, index: int = 0) -> None:
         self.request = request
-        self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.index = index
         params = request.params
-        self.detokenizer = (
-            IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.skip_special_tokens)
-            if params.detokenize
-            else None
-        )
-        self.text = ""
+        self.tokenizer = tokenizer if params.detokenize else None
+        self.text_stream = TextStream(tokenizer, request.prompt_token_ids, params) if params.detokenize else None
         self.logprobs: list[PositionLogprobs] | None = None if params.logprobs is None else []
         self.cumulative_logprob: float | None = None if params.logprobs is None else 0.0
 
+    @property
+    def text(self) -> str:
+        return "" if self.text_stream is None else self.text_stream.text
+
     def process_token(self, token: int, logprobs: TokenLogprobs | None = None) -> CompletionOutput:
         """Append ``token`` to the sequence, update its text and status, return its snapshot."""
-        request, params = self.request, self.request.params
+        request = self.request
         if request.status.finished:
             raise RuntimeError(f"request {request.request_id} has already finished")
         request.output_token_ids.append(token)
@@ -62,16 +92,11 @@ class OutputProcessor:
             self.logprobs.append(position_logprobs(logprobs, self.tokenizer))
             self.cumulative_logprob += logprobs.logprobs[0]
         stopped = check_token_stop(request, self.max_model_len)
-        if self.detokenizer is not None:
-            delta = self.detokenizer.add(token) + (self.detokenizer.flush() if stopped else "")
-            self.text = self.detokenizer.text
-            may_stop = request.status != RequestStatus.FINISHED_STOPPED
-            if params.stop and may_stop and len(request.output_token_ids) >= params.min_tokens:
-                match = find_stop_string(self.text, len(delta), params.stop, params.include_stop_str_in_output)
-                if match is not None:
-                    request.stop_reason, cut = match
-                    request.status = RequestStatus.FINISHED_STOPPED
-                    self.text = self.text[:cut]
+        if self.text_stream is not None:
+            by_token = request.status == RequestStatus.FINISHED_STOPPED
+            stop = self.text_stream.add(token, len(request.output_token_ids), stopped, by_token)
+            if stop is not None:
+                request.stop_reason, request.status = stop, RequestStatus.FINISHED_STOPPED
         if request.status.finished:
             request.finished_time = time.monotonic()
         return self.completion()
@@ -118,7 +143,8 @@ class RequestState:
         """Entries for prompt tokens ``first, first + 1, ...``; a prompt computed again after
         preemption repeats positions already known, which are kept as they were."""
         known = len(self.prompt_logprobs)
-        self.prompt_logprobs.extend(position_logprobs(e, self.tokenizer) for e in entries[max(0, known - first):])
+        tokenizer = self.tokenizer if self.request.params.detokenize else None
+        self.prompt_logprobs.extend(position_logprobs(e, tokenizer) for e in entries[max(0, known - first):])
 
     @property
     def finished(self) -> bool:
