@@ -699,3 +699,18 @@ def test_smollm2_sampling_fields_behave_as_offline(smollm2):
     assert stopped.choices[0].finish_reason == "stop" and " 6" not in stopped.choices[0].text
     assert client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0,
                                      extra_body={"ignore_eos": True}).usage.completion_tokens == 3
+
+
+def test_a_chat_template_given_to_the_server_replaces_the_tokenizers(zoo_paths):
+    path = zoo_paths[MODEL]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    engine = StubEngine(tokenizer, json.loads((path / "config.json").read_text())["vocab_size"])
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    plain, custom = build_app(engine), build_app(engine, chat_template=template)
+
+    async def tokens(app) -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            return (await client.post("/tokenize", json={"messages": CHAT})).json()["tokens"]
+
+    assert run_async(tokens(custom)) == tokenizer("<<The quick brown fox>>", add_special_tokens=False)["input_ids"]
+    assert run_async(tokens(plain)) != run_async(tokens(custom))
