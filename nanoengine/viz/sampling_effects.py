@@ -10,6 +10,8 @@ dashed bar at the height it had before.
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Sequence
 
 import torch
@@ -72,27 +74,21 @@ def sampling_distributions(
     return {name: values.softmax(dim=-1)[0] for name, values in processed.items()}
 
 
-def sampling_effects(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 0.7,
-    top_k: int = 5,
-    top_p: float = 0.8,
-    min_p: float = 0.1,
-    repetition_penalty: float = 1.3,
-    presence_penalty: float = 0.5,
-    frequency_penalty: float = 0.3,
-    previous_tokens: Sequence[int] = (0, 0, 2, 8),
-    labels: Sequence[str] | None = None,
-) -> Figure:
+def sampling_effects(logits: torch.Tensor, *, labels: Sequence[str] | None = None, **settings) -> Figure:
     """Bar charts of the next-token distribution: the original, then after each processor alone
-    (see :func:`sampling_distributions`). A grey tick marks each token's original probability;
-    the penalty panels mark the previous tokens (and how often each occurred) in red.
-    ``labels`` names the tokens (default: their ids).
+    (see :func:`sampling_distributions`, whose settings and defaults ``settings`` are). A grey
+    tick marks each token's original probability; the penalty panels mark the previous tokens
+    (and how often each occurred) in red. ``labels`` names the tokens (default: their ids).
     """
-    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                    frequency_penalty=frequency_penalty, previous_tokens=previous_tokens)
+    defaults = {name: p.default for name, p in inspect.signature(sampling_distributions).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; choose from {sorted(defaults)}")
+    settings = {**defaults, **settings}
+    temperature, top_k, top_p, min_p = (settings[k] for k in ("temperature", "top_k", "top_p", "min_p"))
+    repetition_penalty, presence_penalty, frequency_penalty, previous_tokens = (
+        settings[k] for k in ("repetition_penalty", "presence_penalty", "frequency_penalty", "previous_tokens"))
     probs = {name: p.tolist() for name, p in sampling_distributions(logits, **settings).items()}
     vocab = len(probs["original"])
     names = list(labels) if labels is not None else [str(i) for i in range(vocab)]
