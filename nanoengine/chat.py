@@ -12,7 +12,7 @@ import asyncio
 import sys
 
 from nanoengine.engine.async_engine import AsyncEngine
-from nanoengine.engine.inputs import Prompt
+from nanoengine.engine.inputs import Prompt, render_chat
 from nanoengine.sampling_params import SamplingParams
 
 
@@ -61,8 +61,7 @@ def main(args: argparse.Namespace) -> int:
             if not line:
                 continue
             conversation.append({"role": "user", "content": line})
-            text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-            token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            token_ids = render_chat(tokenizer, conversation).token_ids
             if len(token_ids) >= max_len:
                 print(f"(the conversation is {len(token_ids)} tokens, the context {max_len}: /reset to go on)")
                 conversation.pop()

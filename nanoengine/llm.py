@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nanoengine.config import CacheConfig, ModelConfig, SchedulerConfig
-from nanoengine.engine.inputs import check_params_for_model, params_per_prompt, parse_prompts
+from nanoengine.engine.inputs import check_params_for_model, params_per_prompt, parse_prompts, render_chat
 from nanoengine.engine.llm_engine import LLMEngine
 from nanoengine.model import load_model
 from nanoengine.outputs import RequestOutput
@@ -113,17 +113,13 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate a reply to one conversation or to each of a list of them.
 
-        Each conversation is rendered with the model's chat template (or ``chat_template``);
-        the rendered text already holds any special tokens, so it is tokenized without adding more.
+        Each conversation is rendered with the model's chat template (or ``chat_template``).
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tokenizer = self.loaded.tokenizer
         prompts = []
         for conversation in conversations:
-            text = tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-            prompts.append({"prompt": text, "prompt_token_ids": tokenizer(text, add_special_tokens=False)["input_ids"]})
+            prompt = render_chat(self.loaded.tokenizer, conversation, chat_template, add_generation_prompt)
+            prompts.append({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def beam_search(

@@ -57,6 +57,21 @@ def parse_prompts(
     return parsed
 
 
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]], chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+) -> Prompt:
+    """A conversation as the model's prompt, through its chat template (or ``chat_template``).
+
+    The rendered text already holds the template's special tokens, so it is tokenized
+    without adding more.
+    """
+    text = tokenizer.apply_chat_template(
+        conversation, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return Prompt(text, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def params_per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
     """One SamplingParams per prompt: a single one is shared; a list must match the prompts."""
     if sampling_params is None:

@@ -77,7 +77,7 @@ def build_app(
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' and 'messages'", "prompt")
         if body.messages is not None:
-            _, tokens = ctx.render_chat(body.messages, body.add_generation_prompt)
+            tokens = ctx.render_chat(body.messages, body.add_generation_prompt).token_ids
         else:
             tokens = ctx.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.info.max_model_len}

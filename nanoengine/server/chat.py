@@ -36,9 +36,9 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     """Check everything, then answer at once (JSON) or as a stream of events."""
     ctx.check_model(body.model)
     info = ctx.info
-    text, token_ids = ctx.render_chat(body.messages, body.add_generation_prompt)
-    prompts = parse_prompts({"prompt": text, "prompt_token_ids": token_ids}, ctx.tokenizer, info.vocab_size,
-                            info.max_model_len)
+    rendered = ctx.render_chat(body.messages, body.add_generation_prompt)
+    prompts = parse_prompts({"prompt": rendered.text, "prompt_token_ids": rendered.token_ids}, ctx.tokenizer,
+                            info.vocab_size, info.max_model_len)
     params = to_sampling_params(body, len(prompts[0].token_ids), info.max_model_len, info.vocab_size)
     request_id, created = new_id("chatcmpl"), int(time.time())
     admission = ctx.admit(1)

@@ -8,6 +8,7 @@ import uuid
 from transformers import PreTrainedTokenizerBase
 
 from nanoengine.engine.async_engine import AsyncEngine, EngineInfo
+from nanoengine.engine.inputs import Prompt, render_chat
 from nanoengine.server.errors import APIError
 from nanoengine.server.metrics import ServerMetrics
 from nanoengine.server.protocol import ChatMessage, message_text
@@ -74,20 +75,13 @@ class ServingContext:
         self.in_flight += count
         return Admission(self, count)
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
-        """The conversation as the model's prompt: its text and token ids.
-
-        The rendered text already holds the template's special tokens, so it is tokenized
-        without adding more (as ``LLM.chat``).
-        """
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> Prompt:
+        """The conversation as the model's prompt (``engine.inputs.render_chat``), with a
+        template that fails on it turned into a clear ValueError (a 400)."""
         if not messages:
             raise ValueError("messages must hold at least one message")
         conversation = [{"role": m.role, "content": message_text(m)} for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(
-                conversation, chat_template=self.chat_template, tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-            )
+            return render_chat(self.tokenizer, conversation, self.chat_template, add_generation_prompt)
         except Exception as exc:  # a missing template or one that refuses the conversation
             raise ValueError(f"cannot apply the chat template: {exc}") from None
-        return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]

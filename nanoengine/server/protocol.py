@@ -197,10 +197,6 @@ def to_sampling_params(
         raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]; got {request.prompt_logprobs}")
     if request.prompt_logprobs is not None and request.stream:
         raise ValueError("prompt_logprobs is not available when stream is true")
-    bad_stops = [t for t in request.stop_token_ids or [] if not 0 <= t < vocab_size]
-    if bad_stops:
-        raise ValueError(f"stop_token_ids has token ids outside the vocabulary [0, {vocab_size}): {bad_stops[:5]}")
-    top_k = request.top_k if request.top_k is not None else 0
     params = SamplingParams(
         n=request.n,
         presence_penalty=_or(request.presence_penalty, 0.0),
@@ -208,7 +204,7 @@ def to_sampling_params(
         repetition_penalty=_or(request.repetition_penalty, 1.0),
         temperature=_or(request.temperature, 1.0),
         top_p=_or(request.top_p, 1.0),
-        top_k=min(top_k, vocab_size),  # more than the vocabulary means no truncation
+        top_k=_or(request.top_k, 0),
         min_p=_or(request.min_p, 0.0),
         seed=request.seed,
         stop=request.stop,
