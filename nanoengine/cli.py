@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from nanoengine import chat
-from nanoengine.bench import kv_memory, latency, prefix_cache, serve, throughput
+from nanoengine.bench import kv_memory, latency, prefix_cache, progression, serve, throughput
 from nanoengine.server import launcher
 
 
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_parser(bench_commands)
     prefix_cache.add_parser(bench_commands)
     serve.add_parser(bench_commands)
+    progression.add_parser(bench_commands)
     return parser
 
 

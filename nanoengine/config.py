@@ -22,7 +22,9 @@ class ModelConfig:
 
     Invariant: every field holds a value the loader accepts. ``model`` is ``None`` (the
     bundled default), a bundled name, a ``.gguf`` file or a Hugging Face directory; its
-    existence is checked by the loader, which knows the bundled names.
+    existence is checked by the loader, which knows the bundled names. ``fast_path`` turns on
+    lesson 15's speed-ups (prepacked oneDNN weights on a bf16 CPU, the fast attention
+    backend); off, the model runs the reference path the correctness tests use.
     """
 
     model: str | None = None
@@ -30,6 +32,7 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     device: str = "auto"
+    fast_path: bool = False
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, (str, Path)):
@@ -44,6 +47,8 @@ class ModelConfig:
             raise ValueError(f"seed must be an integer; got {self.seed!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if not isinstance(self.fast_path, bool):
+            raise ValueError(f"fast_path must be a bool; got {self.fast_path!r}")
 
 
 def _positive_int(name: str, value: object, allow_none: bool = False) -> None:

@@ -33,7 +33,8 @@ class LLM:
 
     ``model`` is None (the bundled SmolLM2-135M-Instruct), a bundled name, a Hugging Face
     directory or a ``.gguf`` file. ``dtype="auto"`` is bfloat16 where the hardware computes
-    it natively, float32 elsewhere.
+    it natively, float32 elsewhere. ``fast_path`` (on by default) runs lesson 15's fast
+    kernels; ``fast_path=False`` runs the reference path, which the tests compare it with.
     """
 
     def __init__(
@@ -52,8 +53,11 @@ class LLM:
         enable_chunked_prefill: bool = True,
         device: str = "auto",
         trace: bool = False,
+        fast_path: bool = True,
     ) -> None:
-        self.model_config = ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device)
+        self.model_config = ModelConfig(
+            model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device, fast_path=fast_path
+        )
         cache = CacheConfig(block_size, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching)
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.loaded = load_model(self.model_config)

@@ -17,6 +17,7 @@ _BACKENDS = {
     "torch": ("torch_paged", "paged_attention"),
     "torch_batched": ("torch_batched", "paged_attention"),
     "numba_cuda": ("numba_cuda", "paged_attention"),
+    "numba_cpu": ("numba_cpu", "paged_attention"),
 }
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -26,10 +27,13 @@ def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def default_backend(device: torch.device) -> str:
-    """The numba.cuda kernel on a GPU; on a CPU the batched PyTorch path (the CUDA simulator
-    runs Python per thread: right for tests, far too slow to serve)."""
-    return "numba_cuda" if device.type == "cuda" else "torch_batched"
+def default_backend(device: torch.device, fast_path: bool = False) -> str:
+    """The numba.cuda kernel on a GPU. On a CPU the batched PyTorch path (the CUDA simulator
+    runs Python per thread: right for tests, far too slow to serve), or with the fast path
+    (lesson 15) the numba CPU kernel."""
+    if device.type == "cuda":
+        return "numba_cuda"
+    return "numba_cpu" if fast_path else "torch_batched"
 
 
 def get_attention_backend(name: str) -> AttentionFn:

@@ -11,13 +11,10 @@ share of reserved slots that hold no token.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
 from pathlib import Path
 
+from nanoengine.bench.common import write_result
 from nanoengine.bench.datasets import realistic_lengths
-from nanoengine.bench.machine import describe_machine
 from nanoengine.cache.contiguous import contiguous_requests_that_fit, kv_bytes_per_token
 from nanoengine.cache.kv_cache_manager import KVCacheManager, num_blocks_for_budget
 from nanoengine.config import parse_size
@@ -68,9 +65,6 @@ def main(args: argparse.Namespace) -> int:
     budget = parse_size(args.kv_cache_memory)
     lengths = realistic_lengths(args.num_requests, max_model_len, args.seed)
     result = {
-        "command": "nanoengine bench " + " ".join(sys.argv[2:]),
-        "date": datetime.date.today().isoformat(),
-        "machine": describe_machine(),
         "model": config.architectures[0] if args.model is None else str(args.model),
         "budget_bytes": budget,
         "block_size": args.block_size,
@@ -87,7 +81,5 @@ def main(args: argparse.Namespace) -> int:
         r = result[name]
         print(f"{name:>10}: {r['requests_fit']:5d} requests at once, {r['used_tokens']:8d} tokens stored in "
               f"{r['reserved_tokens']:8d} reserved slots, waste {100 * r['waste_share']:.1f}%")
-    if args.result_json:
-        args.result_json.parent.mkdir(parents=True, exist_ok=True)
-        args.result_json.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.result_json, result)
     return 0

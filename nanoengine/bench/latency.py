@@ -1,95 +1,170 @@
-"""``nanoengine bench latency``: how long one request takes, prefill and each decode step.
+"""``nanoengine bench latency``: how long a batch takes, prefill and each decode step, as vLLM's
+``benchmark_latency``.
 
-Runs a single random-token request (``ignore_eos``, exactly ``output_len`` new tokens)
-through the chosen engine, ``num_iters`` times after warm-up, and reports the median with
-min and max of end-to-end latency, prefill time (to the first token) and decode tokens/s,
-plus the median time of every decode step (how step cost grows with sequence length).
+Submits ``--batch-size`` random-token prompts of ``--input-len`` at once (``ignore_eos``, so
+each generates exactly ``--output-len`` tokens) to the chosen engine, ``--num-iters`` times
+after ``--num-iters-warmup``, and drives it step by step so every token's time is exact.
+Reports the batch's end-to-end latency, prefill time (until every request has its first
+token) and prefill and decode tokens/s (median, min and max of the runs); percentiles of
+every request's end-to-end latency across the runs; and the median time of every decode
+step (how step cost grows with sequence length). Each run draws new prompts, so the
+prefix cache never serves one run from an earlier one.
+
+The engines: lessons 01–04's one-request-at-a-time ``NaiveEngine`` over each KV cache
+(batch size 1 only), or ``llm``, the full engine under ``nanoengine.LLM``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import dataclasses
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from nanoengine.bench.datasets import random_prompt_token_ids
-from nanoengine.bench.machine import describe_machine
-from nanoengine.bench.stats import format_summary, summary
+from nanoengine.bench.common import add_fast_path_arg, dtype_name, engine_kwargs, write_result
+from nanoengine.bench.datasets import random_token_prompts
+from nanoengine.bench.stats import format_summary, percentiles, summary
 from nanoengine.config import ModelConfig
 from nanoengine.engine.inputs import Prompt
 from nanoengine.engine.naive import NaiveEngine
 from nanoengine.model import load_model
+from nanoengine.model.loader import LoadedModel
 from nanoengine.sampling_params import SamplingParams
 
 # engine name -> the NaiveEngine KV cache it runs on (the lessons' engines, in course order)
 ENGINES = {"recompute": "none", "contiguous": "contiguous", "paged": "paged"}
+LATENCY_PERCENTILES = (10, 25, 50, 75, 90, 99)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("latency", help="latency of one request: prefill and every decode step")
+    p = subparsers.add_parser("latency", help="latency of a batch: prefill and every decode step")
     p.add_argument("model", nargs="?", default=None, help="bundled name, HF directory or .gguf (default: SmolLM2)")
-    p.add_argument("--engine", choices=sorted(ENGINES), default="contiguous",
-                   help="recompute: lesson 01's loop; contiguous: lesson 02's KV cache; paged: lesson 04's")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (paged only)")
+    p.add_argument("--engine", choices=[*sorted(ENGINES), "llm"], default="contiguous",
+                   help="recompute: lesson 01's loop; contiguous: lesson 02's KV cache; paged: lesson 04's; "
+                        "llm: the full engine (continuous batching, paged)")
+    p.add_argument("--batch-size", type=int, default=1, help="requests submitted together (above 1: --engine llm)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (paged and llm)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="llm only")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="llm only")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-iters-warmup", type=int, default=1)
     p.add_argument("--num-iters", type=int, default=3)
     p.add_argument("--dtype", default="auto")
+    add_fast_path_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=Path, default=None, help="write every measurement here")
     p.set_defaults(func=main)
 
 
-def _one_run(engine: NaiveEngine, prompt: list[int], output_len: int, request_id: str) -> list[float]:
-    """Seconds from submission to each output token."""
+@dataclasses.dataclass(slots=True)
+class BatchRun:
+    """One batch's timings, in seconds from its submission: when each request got its first
+    token and finished, and ``(time, tokens produced)`` of every step that produced any."""
+
+    first_token: list[float]
+    finished: list[float]
+    steps: list[tuple[float, int]]
+
+    @property
+    def prefill_s(self) -> float:
+        """Until the last request of the batch has its first token: the batch's prefill."""
+        return max(self.first_token)
+
+    @property
+    def latency_s(self) -> float:
+        return max(self.finished)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced after the batch's prefill, per second: a request whose prefill ended
+        early decodes during the others' prefill, and those tokens do not count."""
+        decoded = sum(n for t, n in self.steps if t > self.prefill_s)
+        return decoded / (self.latency_s - self.prefill_s)
+
+    @property
+    def decode_step_s(self) -> list[float]:
+        """The duration of every step after the batch's prefill."""
+        times = [t for t, _ in self.steps if t >= self.prefill_s]
+        return [b - a for a, b in zip(times, times[1:])]
+
+
+def _one_run(engine, prompts: list[list[int]], output_len: int, tag: str) -> BatchRun:
+    """Submit every prompt at once and step the engine (an ``LLMEngine`` or a ``NaiveEngine``)
+    until all are done, timing each step's outputs."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     start = time.perf_counter()
-    engine.add_request(request_id, Prompt(None, prompt), params)
-    stamps = []
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", Prompt(None, prompt), params)
+    first, finished, steps = {}, {}, []
     while engine.has_unfinished_requests():
-        stamps.extend(time.perf_counter() - start for _ in engine.step())
-    return stamps
+        outputs = engine.step()
+        now = time.perf_counter() - start
+        if outputs:
+            steps.append((now, len(outputs)))
+        for out in outputs:
+            first.setdefault(out.request_id, now)
+            if out.finished:
+                finished[out.request_id] = now
+    return BatchRun(list(first.values()), list(finished.values()), steps)
+
+
+def _engine(args: argparse.Namespace) -> tuple[object, LoadedModel]:
+    """The engine to time, and the model under it."""
+    if args.engine == "llm":
+        from nanoengine import LLM
+
+        llm = LLM(args.model, **engine_kwargs(args))
+        return llm.llm_engine, llm.loaded
+    if args.batch_size != 1:
+        raise ValueError(f"--batch-size {args.batch_size} needs --engine llm; {args.engine} runs one request at a time")
+    loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, seed=args.seed))
+    return NaiveEngine(loaded, kv_cache=ENGINES[args.engine], block_size=args.block_size, seed=args.seed), loaded
 
 
 def main(args: argparse.Namespace) -> int:
-    loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, seed=args.seed))
-    engine = NaiveEngine(loaded, kv_cache=ENGINES[args.engine], block_size=args.block_size, seed=args.seed)
-    prompt = random_prompt_token_ids(1, args.input_len, loaded.hf_config.vocab_size, args.seed)[0]
+    if args.output_len < 2:
+        raise ValueError("--output-len must be at least 2: decode starts after the first token")
+    engine, loaded = _engine(args)
+
+    def prompts(iteration: int) -> list[list[int]]:
+        return random_token_prompts([args.input_len] * args.batch_size, loaded.hf_config.vocab_size,
+                                    args.seed + 1000 * iteration)
+
     for i in range(args.num_iters_warmup):
-        _one_run(engine, prompt, min(args.output_len, 8), f"warmup-{i}")
+        _one_run(engine, prompts(args.num_iters + i), min(args.output_len, 8), f"warmup-{i}")  # prompts no run uses
     runs = []
     for i in range(args.num_iters):
-        runs.append(_one_run(engine, prompt, args.output_len, f"run-{i}"))
-        print(f"iteration {i + 1}/{args.num_iters}: {runs[-1][-1]:.2f} s", file=sys.stderr)
-    latency = [r[-1] for r in runs]
-    prefill = [r[0] for r in runs]
-    decode_tps = [(len(r) - 1) / (r[-1] - r[0]) for r in runs]
-    steps_ms = [statistics.median(r[k] - r[k - 1] for r in runs) * 1e3 for k in range(1, len(runs[0]))]
-    print(f"engine={args.engine} model={loaded.path.name} dtype={str(loaded.dtype).removeprefix('torch.')} "
-          f"input_len={args.input_len} output_len={args.output_len}")
+        runs.append(_one_run(engine, prompts(i), args.output_len, f"run-{i}"))
+        print(f"iteration {i + 1}/{args.num_iters}: {runs[-1].latency_s:.2f} s", file=sys.stderr)
+    latency = [r.latency_s for r in runs]
+    prefill = [r.prefill_s for r in runs]
+    prefill_tps = [args.batch_size * args.input_len / p for p in prefill]
+    decode_tps = [r.decode_tokens_per_s for r in runs]
+    requests = [t for r in runs for t in r.finished]
+    request_latency = {"mean": statistics.fmean(requests), **percentiles(requests, LATENCY_PERCENTILES)}
+    steps_ms = [statistics.median(step) * 1e3 for step in zip(*(r.decode_step_s for r in runs))]
+    print(f"engine={args.engine} model={loaded.path.name} dtype={dtype_name(loaded.dtype)} "
+          f"batch_size={args.batch_size} input_len={args.input_len} output_len={args.output_len}")
     print(format_summary("end-to-end latency", latency, "s"))
+    print("request latency: " + ", ".join(f"{k} {v:.3f} s" for k, v in request_latency.items()))
     print(format_summary("prefill (time to first token)", [p * 1e3 for p in prefill], "ms"))
+    print(format_summary("prefill", prefill_tps, "tokens/s"))
     print(format_summary("decode", decode_tps, "tokens/s"))
-    if args.result_json:
-        result = {
-            "command": "nanoengine bench " + " ".join(sys.argv[2:]),
-            "date": datetime.date.today().isoformat(),
-            "machine": describe_machine(),
-            "model": loaded.path.name,
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "engine": args.engine,
-            "input_len": args.input_len,
-            "output_len": args.output_len,
-            "latency_s": summary(latency),
-            "prefill_s": summary(prefill),
-            "decode_tokens_per_s": summary(decode_tps),
-            "decode_step_ms": steps_ms,
-        }
-        args.result_json.parent.mkdir(parents=True, exist_ok=True)
-        args.result_json.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.result_json, {
+        "model": loaded.path.name,
+        "dtype": dtype_name(loaded.dtype),
+        "engine": args.engine,
+        "batch_size": args.batch_size,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "latency_s": summary(latency),
+        "request_latency_s": request_latency,
+        "prefill_s": summary(prefill),
+        "prefill_tokens_per_s": summary(prefill_tps),
+        "decode_tokens_per_s": summary(decode_tps),
+        "decode_step_ms": steps_ms,
+    })
     return 0

@@ -11,15 +11,13 @@ earlier iteration's cache never helps a later one.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from nanoengine.bench.datasets import random_prompt_token_ids
-from nanoengine.bench.machine import describe_machine
+from nanoengine.bench.common import add_fast_path_arg, dtype_name, engine_kwargs, write_result
+from nanoengine.bench.datasets import random_token_prompts
 from nanoengine.bench.stats import format_summary, summary
 from nanoengine.sampling_params import SamplingParams
 
@@ -34,27 +32,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-iters", type=int, default=3)
     p.add_argument("--dtype", default="auto")
+    add_fast_path_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=Path, default=None)
     p.set_defaults(func=main)
 
 
 def _prompts(args: argparse.Namespace, vocab: int, iteration: int) -> list[dict]:
-    seed = args.seed + 1000 * iteration
-    (prefix,) = random_prompt_token_ids(1, args.prefix_len, vocab, seed)
-    suffixes = random_prompt_token_ids(args.num_prompts, args.suffix_len, vocab, seed + 1)
-    return [{"prompt_token_ids": prefix + suffix} for suffix in suffixes]
+    prompts = random_token_prompts([args.suffix_len] * args.num_prompts, vocab, args.seed + 1000 * iteration,
+                                   args.prefix_len)
+    return [{"prompt_token_ids": prompt} for prompt in prompts]
 
 
 def _run_mode(args: argparse.Namespace, enable_prefix_caching: bool) -> dict:
     """Median-of-iterations figures for one setting of prefix caching."""
     from nanoengine import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
-              enable_prefix_caching=enable_prefix_caching)
+    llm = LLM(args.model, **engine_kwargs(args, enable_prefix_caching=enable_prefix_caching))
     vocab = llm.loaded.hf_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
-    llm.generate(_prompts(args, vocab, -1)[:2], params, use_tqdm=False)  # warm-up
+    # warm-up on a prefix no run uses (a negative iteration would not do: Random(-s) is Random(s))
+    llm.generate(_prompts(args, vocab, args.num_iters)[:2], params, use_tqdm=False)
     stats = llm.llm_engine.kv_cache_manager.stats
     runs = []
     for i in range(args.num_iters):
@@ -83,7 +81,7 @@ def _run_mode(args: argparse.Namespace, enable_prefix_caching: bool) -> dict:
           f"of {runs[-1]['prompt_tokens']}")
     return {
         "model": llm.loaded.path.name,
-        "dtype": str(llm.loaded.dtype).removeprefix("torch."),
+        "dtype": dtype_name(llm.loaded.dtype),
         **{k: summary([r[k] for r in runs]) for k in runs[0]},
     }
 
@@ -96,16 +94,10 @@ def main(args: argparse.Namespace) -> int:
     speedup = off["ttft_mean_s"]["median"] / on["ttft_mean_s"]["median"]
     saved = 1 - on["prompt_tokens_computed"]["median"] / off["prompt_tokens_computed"]["median"]
     print(f"TTFT (mean) {speedup:.1f}x better with prefix caching; prefill tokens saved {saved:.1%}")
-    if args.result_json:
-        record = {
-            "command": "nanoengine bench " + " ".join(sys.argv[2:]),
-            "date": datetime.date.today().isoformat(),
-            "machine": describe_machine(),
-            "num_prompts": args.num_prompts, "prefix_len": args.prefix_len, "suffix_len": args.suffix_len,
-            "output_len": args.output_len, "block_size": args.block_size,
-            "prefix_caching_on": on, "prefix_caching_off": off,
-            "ttft_mean_speedup": speedup, "prefill_tokens_saved": saved,
-        }
-        args.result_json.parent.mkdir(parents=True, exist_ok=True)
-        args.result_json.write_text(json.dumps(record, indent=1) + "\n")
+    write_result(args.result_json, {
+        "num_prompts": args.num_prompts, "prefix_len": args.prefix_len, "suffix_len": args.suffix_len,
+        "output_len": args.output_len, "block_size": args.block_size,
+        "prefix_caching_on": on, "prefix_caching_off": off,
+        "ttft_mean_speedup": speedup, "prefill_tokens_saved": saved,
+    })
     return 0

@@ -2,50 +2,86 @@
 
 Random-token prompts (fixed seed) of ``--input-len`` and outputs of ``--output-len``
 (``ignore_eos``, so every request generates exactly its length), both spread by
-``--range-ratio``. Reports requests/s, total and output tokens/s, and per-request time to
-first token (TTFT) and time per output token (TPOT), medians of ``--num-iters`` runs.
+``--range-ratio``, each prompt after a ``--prefix-len``-token prefix they all share; or the
+first ``--num-prompts`` lines of a JSONL ``--dataset-path``. Reports requests/s, total and
+output tokens/s, and per-request time to first token (TTFT) and time per output token
+(TPOT), medians of ``--num-iters`` runs. Random prompts are drawn anew for every run, so
+the prefix cache never serves one run from an earlier one; a dataset's prompts repeat, so
+measure it with ``--num-iters 1`` or ``--no-enable-prefix-caching``.
 
 ``--static-batching`` runs the same engine the way engines did before continuous batching:
 requests go in waves of ``max_num_seqs`` and a wave starts only when the previous one has
 finished, so a short request's slot idles until the longest of its wave is done.
+``--backend hf`` runs the same prompts through Hugging Face ``generate`` instead
+(:mod:`nanoengine.bench.hf_backend`); it does not stream, so it reports no TTFT or TPOT.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from nanoengine.bench.datasets import random_lengths, random_prompt_token_ids
-from nanoengine.bench.machine import describe_machine
+from tqdm.auto import tqdm
+
+from nanoengine.bench.common import (
+    add_fast_path_arg, add_workload_args, describe_workload, dtype_name, engine_kwargs, workload, workload_record,
+    write_result,
+)
+from nanoengine.bench.hf_backend import hf_generate, load_hf_model
 from nanoengine.bench.stats import format_summary, summary
-from nanoengine.config import parse_size
+from nanoengine.model.loader import resolve_model_path
 from nanoengine.outputs import RequestOutput
 from nanoengine.sampling_params import SamplingParams
+
+# (prompt token ids, output length) of one request
+Requests = list[tuple[list[int], int]]
+
+# a run's figures, as (key, label, unit), in the order they are printed
+_REPORTED = (("requests_per_s", "throughput", "requests/s"), ("total_tokens_per_s", "total", "tokens/s"),
+             ("output_tokens_per_s", "output", "tokens/s"), ("ttft_p50_s", "TTFT p50", "s"),
+             ("tpot_p50_ms", "TPOT p50", "ms"))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("throughput", help="offline batch throughput, TTFT and TPOT")
     p.add_argument("model", nargs="?", default=None, help="bundled name, HF directory or .gguf (default: SmolLM2)")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--range-ratio", type=float, default=0.0, help="spread lengths uniformly by ± this share")
+    p.add_argument("--backend", choices=["nanoengine", "hf"], default="nanoengine",
+                   help="hf: Hugging Face transformers generate on the same prompts, the baseline")
+    p.add_argument("--hf-max-batch-size", type=int, default=32, help="requests per generate call (hf only)")
+    add_workload_args(p)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--kv-cache-memory", default=None, help="KV budget (bytes, or 512MiB, 1GiB)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--static-batching", action="store_true", help="waves of max_num_seqs, each waiting for the last")
     p.add_argument("--num-iters", type=int, default=3)
     p.add_argument("--dtype", default="auto")
+    add_fast_path_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=Path, default=None)
     p.set_defaults(func=main)
+
+
+def _tokenized(args: argparse.Namespace, tokenizer, vocab_size: int, iteration: int) -> Requests:
+    """One run's requests, a dataset's text prompts tokenized as the engine would."""
+    requests = workload(args, vocab_size, iteration)
+    return [(tokenizer(p)["input_ids"] if isinstance(p, str) else p, o) for p, o in requests]
+
+
+def _rates(requests: Requests, elapsed: float) -> dict[str, float]:
+    """Requests/s and tokens/s of a run, counting each request's real prompt length."""
+    output_tokens = sum(o for _, o in requests)
+    return {
+        "elapsed_s": elapsed,
+        "requests_per_s": len(requests) / elapsed,
+        "total_tokens_per_s": (sum(len(p) for p, _ in requests) + output_tokens) / elapsed,
+        "output_tokens_per_s": output_tokens / elapsed,
+    }
 
 
 def _per_request(outputs: list[RequestOutput], started: float) -> tuple[list[float], list[float]]:
@@ -60,62 +96,74 @@ def _per_request(outputs: list[RequestOutput], started: float) -> tuple[list[flo
     return ttft, tpot
 
 
-def main(args: argparse.Namespace) -> int:
-    from nanoengine import LLM
+class _NanoengineBackend:
+    """``LLM.generate`` over the whole batch, or over waves of ``max_num_seqs`` (static batching)."""
 
-    llm = LLM(args.model, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
-              kv_cache_memory_bytes=parse_size(args.kv_cache_memory) if args.kv_cache_memory else None,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_chunked_prefill=args.enable_chunked_prefill)
-    lengths = random_lengths(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
-    vocab = llm.loaded.hf_config.vocab_size
-    prompts = [{"prompt_token_ids": random_prompt_token_ids(1, p, vocab, args.seed + i)[0]} for i, (p, _) in enumerate(lengths)]
-    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True, detokenize=False) for _, o in lengths]
-    wave = args.max_num_seqs if args.static_batching else len(prompts)
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up: first-use kernel set-up
-    runs = []
-    for i in range(args.num_iters):
+    def __init__(self, args: argparse.Namespace) -> None:
+        from nanoengine import LLM
+
+        self.llm = LLM(args.model, **engine_kwargs(args))
+        self.tokenizer, self.vocab_size = self.llm.get_tokenizer(), self.llm.loaded.hf_config.vocab_size
+        self.static_batching, self.max_num_seqs = args.static_batching, args.max_num_seqs
+
+    def run(self, requests: Requests, use_tqdm: bool = True) -> dict[str, float]:
+        prompts = [{"prompt_token_ids": p} for p, _ in requests]
+        params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True, detokenize=False) for _, o in requests]
+        wave = self.max_num_seqs if self.static_batching else len(prompts)
         started = time.monotonic()
         outputs = []
         for w in range(0, len(prompts), wave):
-            outputs += llm.generate(prompts[w : w + wave], params[w : w + wave], use_tqdm=False)
-        elapsed = time.monotonic() - started
+            outputs += self.llm.generate(prompts[w : w + wave], params[w : w + wave], use_tqdm=use_tqdm)
         ttft, tpot = _per_request(outputs, started)
-        runs.append({
-            "elapsed_s": elapsed,
-            "requests_per_s": len(outputs) / elapsed,
-            "total_tokens_per_s": sum(p + o for p, o in lengths) / elapsed,
-            "output_tokens_per_s": sum(o for _, o in lengths) / elapsed,
-            "ttft_p50_s": statistics.median(ttft),
-            "tpot_p50_ms": statistics.median(tpot) * 1e3 if tpot else 0.0,
-        })
-        print(f"iteration {i + 1}/{args.num_iters}: {elapsed:.1f} s", file=sys.stderr)
-    keys = list(runs[0])
-    result = {k: summary([r[k] for r in runs]) for k in keys}
-    mode = "static batching" if args.static_batching else "continuous batching"
-    print(f"{mode}: {args.num_prompts} requests, input {args.input_len}, output {args.output_len}, "
-          f"range ratio {args.range_ratio}, max_num_seqs {args.max_num_seqs}, "
-          f"budget {llm.llm_engine.scheduler.token_budget} tokens/step")
-    print(format_summary("throughput", [r["requests_per_s"] for r in runs], "requests/s"))
-    print(format_summary("total", [r["total_tokens_per_s"] for r in runs], "tokens/s"))
-    print(format_summary("output", [r["output_tokens_per_s"] for r in runs], "tokens/s"))
-    print(format_summary("TTFT p50", [r["ttft_p50_s"] for r in runs], "s"))
-    print(format_summary("TPOT p50", [r["tpot_p50_ms"] for r in runs], "ms"))
-    print(f"preemptions: {llm.llm_engine.scheduler.num_preemptions}")
-    if args.result_json:
-        record = {
-            "command": "nanoengine bench " + " ".join(sys.argv[2:]),
-            "date": datetime.date.today().isoformat(),
-            "machine": describe_machine(),
-            "model": llm.loaded.path.name,
-            "dtype": str(llm.loaded.dtype).removeprefix("torch."),
-            "mode": mode,
-            "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-            "range_ratio": args.range_ratio, "max_num_seqs": args.max_num_seqs,
-            "token_budget": llm.llm_engine.scheduler.token_budget,
-            "preemptions": llm.llm_engine.scheduler.num_preemptions,
-            **result,
-        }
-        args.result_json.parent.mkdir(parents=True, exist_ok=True)
-        args.result_json.write_text(json.dumps(record, indent=1) + "\n")
+        return {**_rates(requests, time.monotonic() - started), "ttft_p50_s": statistics.median(ttft),
+                "tpot_p50_ms": statistics.median(tpot) * 1e3 if tpot else 0.0}
+
+    def record(self) -> dict:
+        scheduler = self.llm.llm_engine.scheduler
+        return {"model": self.llm.loaded.path.name, "dtype": dtype_name(self.llm.loaded.dtype),
+                "mode": "static batching" if self.static_batching else "continuous batching",
+                "max_num_seqs": self.max_num_seqs, "token_budget": scheduler.token_budget,
+                "preemptions": scheduler.num_preemptions,
+                "prefix_cache_hit_blocks": self.llm.llm_engine.kv_cache_manager.stats.hit_blocks}
+
+
+class _HfBackend:
+    """Hugging Face ``generate`` in batches of ``--hf-max-batch-size``, in request order."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.path = resolve_model_path(args.model)
+        self.model, self.tokenizer = load_hf_model(self.path, args.dtype)
+        self.vocab_size, self.max_batch_size = self.model.config.vocab_size, args.hf_max_batch_size
+        self.pad_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
+
+    def run(self, requests: Requests, use_tqdm: bool = True) -> dict[str, float]:
+        started = time.monotonic()
+        with tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm) as bar:
+            hf_generate(self.model, requests, self.max_batch_size, self.pad_id, bar.update)
+        return _rates(requests, time.monotonic() - started)
+
+    def record(self) -> dict:
+        return {"model": self.path.name, "dtype": dtype_name(self.model.dtype),
+                "mode": "static batching", "hf_max_batch_size": self.max_batch_size}
+
+
+def main(args: argparse.Namespace) -> int:
+    backend = _NanoengineBackend(args) if args.backend == "nanoengine" else _HfBackend(args)
+    # warm-up on prompts no run uses (a negative iteration would not do: Random(-s) is Random(s))
+    backend.run(_tokenized(args, backend.tokenizer, backend.vocab_size, args.num_iters)[:2], use_tqdm=False)
+    runs, requests = [], []
+    for i in range(args.num_iters):
+        requests = _tokenized(args, backend.tokenizer, backend.vocab_size, i)
+        runs.append(backend.run(requests))
+        print(f"iteration {i + 1}/{args.num_iters}: {runs[-1]['elapsed_s']:.1f} s", file=sys.stderr)
+    described = backend.record()
+    print(f"{args.backend}, {described['mode']}: {len(requests)} requests, {describe_workload(args)}; "
+          + ", ".join(f"{k} {v}" for k, v in described.items() if k not in ("model", "dtype", "mode")))
+    for key, label, unit in _REPORTED:
+        if key in runs[0]:
+            print(format_summary(label, [r[key] for r in runs], unit))
+    write_result(args.result_json, {
+        **described, "backend": args.backend, **workload_record(args, len(requests)),
+        **{k: summary([r[k] for r in runs]) for k in runs[0]},
+    })
     return 0

@@ -88,7 +88,8 @@ class LLMEngine:
             config.num_hidden_layers, num_blocks, cache.block_size, config.num_key_value_heads,
             head_dim_of(config), loaded.dtype, loaded.device,
         )
-        self.runner = ModelRunner(loaded.model, kv_tensors, get_attention_backend(default_backend(loaded.device)), seed)
+        backend = get_attention_backend(default_backend(loaded.device, loaded.fast_path))
+        self.runner = ModelRunner(loaded.model, kv_tensors, backend, seed)
         self.max_num_seqs = scheduler.max_num_seqs
         self.states: dict[str, RequestState] = {}
         self.owner: dict[str, str] = {}

@@ -22,7 +22,10 @@ from nanoengine.attention.base import AttentionContext
 from nanoengine.model.layers.embedding import LMHead, VocabEmbedding
 from nanoengine.model.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
 from nanoengine.model.layers.norm import RMSNorm
-from nanoengine.model.layers.rotary import RotaryEmbedding
+from nanoengine.model.layers.rotary import RotaryEmbedding, rotate
+
+# (cos, sin) of every token's position, [T, 1, head_dim]: looked up once per forward.
+RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -59,17 +62,19 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         self.qk_norm = qk_norm
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+    def forward(self, rope: RopeTables, hidden: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(
-            [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1
-        )
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(hidden)
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q = self.q_norm(qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim))
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        else:
+            # q and k sit side by side in the fused output: rotate all their heads in one go.
+            qk = rotate(qkv[:, : q_size + kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         out = attn.attend(self.layer_idx, q, k, v, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
@@ -110,8 +115,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(config, dtype)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), attn)
+    def forward(self, rope: RopeTables, hidden: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), attn)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -123,7 +128,7 @@ class LlamaModel(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
-        rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
+        self.rotary = rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, rotary, dtype, qkv_bias, qk_norm) for i in range(config.num_hidden_layers)
         )
@@ -131,8 +136,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, hidden.dtype)
         for layer in self.layers:
-            hidden = layer(positions, hidden, attn)
+            hidden = layer(rope, hidden, attn)
         return self.norm(hidden)
 
 

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from nanoengine.config import ModelConfig
 from nanoengine.model import gguf_file
 from nanoengine.model.bundled import DEFAULT_MODEL, bundled_model_path, bundled_names
+from nanoengine.model.layers.onednn import onednn_packing_available, pack_linear_weights
 from nanoengine.model.registry import model_class_for
 from nanoengine.platform import resolve_device, resolve_dtype
 
@@ -33,7 +34,9 @@ class LoadedModel:
     """A model ready to run, with what the engine needs to know about it.
 
     ``max_model_len`` is the longest sequence (prompt + output) the engine will accept;
-    ``eos_token_ids`` are every token that ends generation unless ``ignore_eos``.
+    ``eos_token_ids`` are every token that ends generation unless ``ignore_eos``;
+    ``fast_path``: the model was prepared for lesson 15's fast path, and the engine should
+    pick its fast kernels too.
     """
 
     model: torch.nn.Module
@@ -44,6 +47,7 @@ class LoadedModel:
     device: torch.device
     max_model_len: int
     eos_token_ids: frozenset[int]
+    fast_path: bool = False
 
     @property
     def num_parameters(self) -> int:
@@ -85,6 +89,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     with torch.no_grad():
         model.load_weights(tqdm(weights, total=count, desc="Loading weights", leave=False, disable=count < 50))
     model.eval()
+    packed = pack_linear_weights(model) if config.fast_path and onednn_packing_available(dtype, device) else 0
     tokenizer = load_tokenizer(path)
     loaded = LoadedModel(
         model=model,
@@ -95,11 +100,13 @@ def load_model(config: ModelConfig) -> LoadedModel:
         device=device,
         max_model_len=max_model_len,
         eos_token_ids=_eos_token_ids(path, hf_config, tokenizer),
+        fast_path=config.fast_path,
     )
     logger.info(
-        "loaded %s (%s, %.1fM parameters) as %s on %s in %.1f s; max_model_len=%d",
+        "loaded %s (%s, %.1fM parameters) as %s on %s in %.1f s; max_model_len=%d%s",
         path.name, hf_config.architectures[0], loaded.num_parameters / 1e6,
         str(dtype).removeprefix("torch."), device, time.perf_counter() - started, max_model_len,
+        f"; fast path: {packed} weights prepacked for oneDNN" if config.fast_path else "",
     )
     return loaded
 

@@ -46,6 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="split long prompts across engine steps")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
+                   help="lesson 15's fast kernels (off: the reference path)")
     p.add_argument("--seed", type=int, default=0, help="engine seed")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file")
     p.add_argument("--max-queued-requests", type=int, default=None,
@@ -60,7 +62,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed, block_size=args.block_size,
                   kv_cache_memory_bytes=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-                  enable_chunked_prefill=args.enable_chunked_prefill)
+                  enable_chunked_prefill=args.enable_chunked_prefill, fast_path=args.fast_path)
     if args.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     return kwargs

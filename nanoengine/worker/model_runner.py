@@ -111,7 +111,9 @@ class ModelRunner:
                 )
                 owners.append(s.request_id)
                 row_logits.append(i)
-        result = sample(logits[row_logits], rows, self.generator)
+        if len(row_logits) > len(chosen):  # some request forks: repeat its row once per child
+            logits = logits[row_logits]
+        result = sample(logits, rows, self.generator)
         for owner, token, logprobs in zip(owners, result.token_ids, result.logprobs):
             output.sampled_token_ids.setdefault(owner, []).append(token)
             if logprobs is not None:

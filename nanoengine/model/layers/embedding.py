@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoengine.model.layers.linear import LinearMethod, UnquantizedLinearMethod
+
 
 class VocabEmbedding(nn.Module):
     """Looks up one row per token id. Lesson 12 splits the rows across ranks."""
@@ -22,7 +24,9 @@ class LMHead(nn.Module):
     """Projects hidden states to vocabulary logits.
 
     With tied embeddings the head shares the embedding's ``weight`` parameter (one tensor in
-    memory, loaded once), as the checkpoint has no separate ``lm_head.weight``.
+    memory, loaded once), as the checkpoint has no separate ``lm_head.weight``. Like the
+    linear layers it applies its weight through a :class:`LinearMethod`, so the CPU fast path
+    (lesson 15) can swap in prepacked weights.
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, tied_to: VocabEmbedding | None) -> None:
@@ -31,6 +35,7 @@ class LMHead(nn.Module):
             self.weight = tied_to.weight
         else:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
+        self.linear_method: LinearMethod = UnquantizedLinearMethod()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+        return self.linear_method.apply(self, hidden, None)

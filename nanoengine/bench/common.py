@@ -1,0 +1,104 @@
+"""What the ``nanoengine bench`` commands share: the workload flags and the requests they
+describe, building the engine from its flags, and writing the result record."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoengine.bench.datasets import load_jsonl_dataset, random_lengths, random_token_prompts
+from nanoengine.bench.machine import describe_machine
+from nanoengine.config import parse_size
+
+# flag (argparse dest) -> LLM keyword; a command passes those of its flags that it has, so a
+# new engine option is one line here and one add_argument in each command that offers it
+_ENGINE_FLAGS = {
+    "dtype": "dtype",
+    "seed": "seed",
+    "block_size": "block_size",
+    "kv_cache_memory": "kv_cache_memory_bytes",
+    "max_num_seqs": "max_num_seqs",
+    "max_num_batched_tokens": "max_num_batched_tokens",
+    "enable_chunked_prefill": "enable_chunked_prefill",
+    "enable_prefix_caching": "enable_prefix_caching",
+    "fast_path": "fast_path",
+}
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The flags of vLLM's random and custom datasets, which :func:`workload` reads."""
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128, help="also for dataset lines without output_len")
+    p.add_argument("--range-ratio", type=float, default=0.0, help="spread lengths uniformly by ± this share")
+    p.add_argument("--prefix-len", type=int, default=0,
+                   help="random ids every prompt starts with (a shared system prompt)")
+    p.add_argument("--dataset-path", type=Path, default=None,
+                   help='JSONL of {"prompt": text} or {"prompt_token_ids": [...]}, optional "output_len"; '
+                        "replaces the random prompts (the same ones in every iteration)")
+
+
+def add_fast_path_arg(p: argparse.ArgumentParser) -> None:
+    """``--fast-path`` (default) / ``--no-fast-path``: lesson 15's kernels or the reference path."""
+    p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
+                   help="lesson 15's fast kernels (--no-fast-path: the reference path)")
+
+
+def workload(args: argparse.Namespace, vocab_size: int, iteration: int) -> list[tuple[str | list[int], int]]:
+    """(prompt, output length) of every request of one iteration: the first ``--num-prompts``
+    lines of the dataset, or random prompts drawn anew from ``seed + 1000 * iteration`` so a
+    prefix cache never serves one iteration from an earlier one."""
+    if args.dataset_path:
+        lines = load_jsonl_dataset(args.dataset_path)[: args.num_prompts]
+        return [(r.prompt, r.output_len or args.output_len) for r in lines]
+    seed = args.seed + 1000 * iteration
+    lengths = random_lengths(args.num_prompts, args.input_len, args.output_len, args.range_ratio, seed)
+    prompts = random_token_prompts([p for p, _ in lengths], vocab_size, seed, args.prefix_len)
+    return [(prompt, o) for prompt, (_, o) in zip(prompts, lengths)]
+
+
+def describe_workload(args: argparse.Namespace) -> str:
+    """The workload in words, for the report's first line."""
+    if args.dataset_path:
+        return f"dataset {args.dataset_path}, output {args.output_len} unless the line says"
+    return (f"input {args.input_len} (+ shared prefix {args.prefix_len}), output {args.output_len}, "
+            f"range ratio {args.range_ratio}")
+
+
+def workload_record(args: argparse.Namespace, num_requests: int) -> dict[str, Any]:
+    """The workload's fields of a result record."""
+    return {"num_prompts": num_requests, "input_len": None if args.dataset_path else args.input_len,
+            "output_len": args.output_len, "range_ratio": args.range_ratio, "prefix_len": args.prefix_len,
+            "dataset_path": str(args.dataset_path) if args.dataset_path else None}
+
+
+def engine_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    """``LLM`` keyword arguments from a bench command's flags; a flag the command lacks, or left
+    at None, keeps ``LLM``'s default. ``overrides`` win (prefix-cache sets its own caching)."""
+    kwargs = {keyword: getattr(args, flag) for flag, keyword in _ENGINE_FLAGS.items()
+              if getattr(args, flag, None) is not None}
+    if "kv_cache_memory_bytes" in kwargs:
+        kwargs["kv_cache_memory_bytes"] = parse_size(kwargs["kv_cache_memory_bytes"])
+    return {**kwargs, **overrides}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, as the result records spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def write_result(path: Path | None, record: dict[str, Any]) -> None:
+    """Write ``record`` as JSON to ``path`` (nothing when None), after the command line, the
+    date and the machine, so every recorded figure says how and where it was measured."""
+    if path is None:
+        return
+    header = {"command": "nanoengine bench " + " ".join(sys.argv[2:]), "date": datetime.date.today().isoformat(),
+              "machine": describe_machine()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**header, **record}, indent=1) + "\n")

@@ -1,0 +1,201 @@
+"""Lesson 15: every piece of the fast path equals the reference path it replaces.
+
+- the numba CPU attention kernel equals dense attention on mixed batches (as lesson 04's
+  backends are tested), for float32 and bfloat16 caches;
+- oneDNN-prepacked bf16 weights give the same logits as ``F.linear`` on the dense weights;
+- the fused RMSNorm is bit-identical to Hugging Face's formula;
+- a whole engine on the fast path generates what the reference engine generates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+
+from nanoengine import LLM, SamplingParams
+from nanoengine.attention.metadata import build_attention_metadata
+from nanoengine.attention.registry import default_backend, get_attention_backend
+from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache, write_kv
+from nanoengine.bench.roofline import MachineRates, decode_floors, matmul_params, probe_machine
+from nanoengine.config import ModelConfig
+from nanoengine.model import load_model
+from nanoengine.model.layers.norm import RMSNorm
+from nanoengine.model.layers.onednn import OneDNNPackedLinearMethod, onednn_packing_available
+from nanoengine.worker.model_runner import ModelRunner
+from tests.test_l04_paged_attention import dense_reference, mixed_batches
+
+pytestmark = pytest.mark.l15
+
+numba_cpu = get_attention_backend("numba_cpu")
+
+
+def _paged_case(batch, dtype):
+    """Lesson 04's mixed batch (prefills, chunks, decodes) on a NaN-filled pool of ``dtype``."""
+    block_size, kv_heads, group, head_dim, seqs, seed = batch
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(math.ceil((c + n) / block_size) for c, n in seqs) + 2
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables, used = [], 0
+    for cached, new in seqs:
+        count = math.ceil((cached + new) / block_size)
+        tables.append(order[used : used + count])
+        used += count
+    cache = PagedKVCache(1, num_blocks, block_size, kv_heads, head_dim, dtype)
+    cache.k.fill_(float("nan"))  # reading a slot the sequence does not own poisons the result
+    cache.v.fill_(float("nan"))
+    past = [tuple(torch.randn(c, kv_heads, head_dim, generator=g).to(dtype) for _ in "kv") for c, _ in seqs]
+    for table, (cached, _), (k, v) in zip(tables, seqs, past):
+        if cached:
+            write_kv(cache.k[0], cache.v[0], k, v, build_attention_metadata([table], [0], [cached], block_size).slot_mapping)
+    total = sum(n for _, n in seqs)
+    q, k, v = (torch.randn(total, h, head_dim, generator=g).to(dtype) for h in (kv_heads * group, kv_heads, kv_heads))
+    meta = build_attention_metadata(tables, [c for c, _ in seqs], [n for _, n in seqs], block_size)
+    return cache, meta, past, q, k, v, head_dim**-0.5
+
+
+@pytest.mark.l15_t1
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@given(batch=mixed_batches())
+def test_numba_cpu_attention_equals_dense(dtype, tol, batch):
+    cache, meta, past, q, k, v, scale = _paged_case(batch, dtype)
+    out = PagedAttention(cache, meta, numba_cpu).attend(0, q, k, v, scale)
+    assert out.dtype == dtype
+    start = 0
+    for i, (pk, pv) in enumerate(past):
+        new = meta.query_start_loc[i + 1] - meta.query_start_loc[i]
+        rows = slice(start, start + new)
+        expected = dense_reference(q[rows], torch.cat([pk, k[rows]]), torch.cat([pv, v[rows]]), scale, pk.shape[0])
+        torch.testing.assert_close(out[rows].double(), expected, rtol=tol, atol=tol)
+        start += new
+
+
+@pytest.mark.l15_t1
+def test_numba_cpu_decode_reads_only_the_sequence():
+    """A long block table padded with blocks of NaN: a pure decode step must not touch them."""
+    cache = PagedKVCache(1, 6, 4, 1, 8, torch.float32)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    k, v = torch.randn(5, 1, 8), torch.randn(5, 1, 8)
+    meta = build_attention_metadata([[2, 4]], [0], [5], 4)
+    write_kv(cache.k[0], cache.v[0], k, v, meta.slot_mapping)
+    q = torch.randn(1, 2, 8)
+    decode = build_attention_metadata([[2, 4, 5, 0, 1]], [5], [1], 4)  # 2 blocks used, 3 padding
+    decode.seq_lens[0] = 5  # the query attends over the 5 cached tokens only
+    out = numba_cpu(q, cache.k[0], cache.v[0], decode, 0.5)
+    expected = dense_reference(q, k, v, 0.5, 4)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fast_path_picks_the_numba_cpu_kernel_on_cpu_only():
+    assert default_backend(torch.device("cpu"), fast_path=True) == "numba_cpu"
+    assert default_backend(torch.device("cpu")) == "torch_batched"
+    assert default_backend(torch.device("cuda"), fast_path=True) == "numba_cuda"
+
+
+def test_rms_norm_is_bit_identical_to_hugging_face():
+    norm = RMSNorm(64, 1e-6, torch.bfloat16)
+    norm.weight.data = torch.randn(64).to(torch.bfloat16)
+    x = (torch.randn(17, 64) * 5).to(torch.bfloat16)
+    x32 = x.float()
+    hf = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    assert torch.equal(norm(x), hf)
+
+
+needs_onednn = pytest.mark.skipif(
+    not onednn_packing_available(torch.bfloat16, torch.device("cpu")), reason="this PyTorch has no oneDNN"
+)
+
+
+@pytest.mark.l15_t2
+@needs_onednn
+def test_prepacked_weights_give_the_same_logits(zoo_paths):
+    path = str(zoo_paths["llama-gqa"])
+    plain = load_model(ModelConfig(model=path, dtype="bfloat16"))
+    packed = load_model(ModelConfig(model=path, dtype="bfloat16", fast_path=True))
+    methods = [m.linear_method for m in packed.model.modules() if hasattr(m, "linear_method")]
+    assert methods and all(isinstance(m, OneDNNPackedLinearMethod) for m in methods)
+    # 4 linear layers per decoder layer, plus the LM head
+    assert len(methods) == 4 * plain.hf_config.num_hidden_layers + 1
+    for rows in (1, 7):  # decode-sized and prefill-sized batches
+        for (name, a), b in zip(plain.model.named_modules(), packed.model.modules()):
+            if hasattr(a, "linear_method"):
+                x = torch.randn(rows, a.weight.shape[1]).to(torch.bfloat16)
+                assert torch.equal(a(x), b(x)), name
+
+
+@needs_onednn
+def test_packing_is_off_where_it_does_not_pay(zoo_paths):
+    assert not onednn_packing_available(torch.float32, torch.device("cpu"))
+    assert not onednn_packing_available(torch.bfloat16, torch.device("cuda"))
+    f32 = load_model(ModelConfig(model=str(zoo_paths["llama-gqa"]), dtype="float32", fast_path=True))
+    assert not any(isinstance(getattr(m, "linear_method", None), OneDNNPackedLinearMethod) for m in f32.model.modules())
+
+
+def _engine(path: str, dtype: str, fast: bool) -> LLM:
+    llm = LLM(path, dtype=dtype, fast_path=fast, max_num_seqs=8, max_num_batched_tokens=32, kv_cache_memory_bytes=1 << 22)
+    assert (llm.llm_engine.runner.attention_fn is numba_cpu) == fast
+    return llm
+
+
+# A batch of mixed lengths that prefills in chunks (32-token steps) and decodes together.
+PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 90 + 3 for j in range(5 + 9 * i)]} for i in range(5)]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.l15_t1
+@pytest.mark.l15_t2
+def test_the_fast_engine_generates_what_the_reference_engine_generates(zoo_paths):
+    """float32: the fast path changes the order of float additions only, so greedy tokens agree."""
+    path = str(zoo_paths["llama-gqa"])
+    fast, reference = (_engine(path, "float32", f).generate(PROMPTS, GREEDY, use_tqdm=False) for f in (True, False))
+    assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in reference]
+
+
+# bf16 rounds differently on the two paths (the kernel keeps scores in float32, the reference
+# rounds them to bf16 as HF's eager attention does), and a random tiny model's next-token
+# distribution is flat, so near-ties flip. The float32 reference must rank every token the
+# bf16 fast path chose first, or within this many nats of its first (a wrong kernel misses
+# by more than a nat).
+BF16_NEAR_TIE = 0.25
+
+
+@pytest.mark.l15_t1
+@pytest.mark.l15_t2
+def test_the_fast_engine_in_bfloat16_chooses_what_the_float32_reference_ranks_first(zoo_paths):
+    path = str(zoo_paths["llama-gqa"])
+    fast = _engine(path, "bfloat16", True).generate(PROMPTS, GREEDY, use_tqdm=False)
+    reference = _engine(path, "float32", False)
+    for prompt, out in zip(PROMPTS, fast):
+        sequence = prompt["prompt_token_ids"] + list(out.outputs[0].token_ids)
+        scored = reference.generate(
+            {"prompt_token_ids": sequence}, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False
+        )[0].prompt_logprobs
+        for position in range(len(prompt["prompt_token_ids"]), len(sequence)):
+            entries = scored[position]
+            best = max(e.logprob for e in entries.values())
+            chosen = entries[sequence[position]]
+            assert chosen.rank == 1 or best - chosen.logprob < BF16_NEAR_TIE, (position, chosen, best)
+
+
+@pytest.mark.l15_t3
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied", "qwen3-qknorm"])
+def test_matmul_params_counts_every_weight_a_token_is_multiplied_by(ours, name):
+    model = ours(name).model
+    linear = sum(m.weight.numel() for m in model.modules() if hasattr(m, "linear_method"))
+    assert matmul_params(model.config) == linear
+
+
+@pytest.mark.l15_t3
+def test_decode_floors_follow_from_the_rates(ours):
+    config = ours("llama-gqa").model.config
+    params = matmul_params(config)
+    rates = MachineRates(copy_bytes_per_s=60e9, matmul_flops_per_s={"bfloat16": 700e9})
+    floors = decode_floors(config, 2, rates, "bfloat16")
+    assert floors["single_stream_tokens_per_s"] == pytest.approx(60e9 / (2 * params))
+    assert floors["batched_tokens_per_s"] == pytest.approx(700e9 / (2 * params))
+    probed = probe_machine(copy_mib=1, matmul_size=64, repeats=1)
+    assert probed.copy_bytes_per_s > 0 and set(probed.matmul_flops_per_s) == {"float32", "bfloat16"}
