@@ -4,6 +4,7 @@ throughput`` / ``bench latency`` end to end on a tiny model."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import socket
 import statistics
@@ -123,8 +124,12 @@ def test_bench_serve_reports_an_unreachable_server_in_one_line(capsys):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = cli.main(["bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--model", "m",
-                     "--num-prompts", "3", "--num-iters", "1"])
+    args = ["bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--num-prompts", "3",
+            "--num-iters", "1"]
+    # in a thread of its own: bench serve calls asyncio.run, and check("l15") in a notebook runs
+    # the tests inside Jupyter's event loop
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        code = pool.submit(cli.main, args).result()
     err = capsys.readouterr().err
     assert code == 2 and f"error: request to http://127.0.0.1:{port} failed (ConnectError" in err
     assert "Traceback" not in err
@@ -205,3 +210,21 @@ def test_bench_latency_llm_engine_reports_percentiles(tiny_model, tmp_path):
 def test_bench_latency_naive_engines_take_one_request(tiny_model, capsys):
     assert cli.main(["bench", "latency", str(tiny_model), "--engine", "paged", "--batch-size", "2"]) == 2
     assert "needs --engine llm" in capsys.readouterr().err
+
+
+def test_bench_progression_runs_every_stage_and_draws_the_chart(tiny_model, tmp_path):
+    from matplotlib.figure import Figure
+
+    from nanoengine.bench.progression import STAGES
+    from nanoengine.viz import progression_chart
+
+    out = tmp_path / "progression.json"
+    assert cli.main(["bench", "progression", str(tiny_model), "--num-prompts", "3", "--prefix-len", "8",
+                     "--input-len", "4", "--output-len", "3", "--num-iters", "2", "--result-json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [s["label"] for s in result["stages"]] == [s.label for s in STAGES]
+    assert all(s["total_tokens_per_s"]["median"] > 0 for s in result["stages"])
+    assert result["stages"][-1]["fast_path"] and not result["stages"][3]["fast_path"]
+    fig = progression_chart(result)
+    assert isinstance(fig, Figure)
+    assert "1×" in fig.axes[0].texts[0].get_text()  # lesson 01 is the unit of the speed-ups

@@ -139,7 +139,10 @@ async def _run(args: argparse.Namespace, iteration: int) -> dict:
     arrivals = poisson_arrivals(len(requests), args.request_rate, args.seed + 1000 * iteration)
     limit = asyncio.Semaphore(args.concurrency)
     try:
-        async with httpx.AsyncClient(base_url=args.base_url, timeout=None) as client:
+        # A new connection per request: servers close kept-alive connections on their own terms
+        # (llama-server after a few requests), and a request sent on one that is closing fails.
+        no_keepalive = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=args.base_url, timeout=None, limits=no_keepalive) as client:
             model = args.model or await _model_name(client, headers)
             with tqdm(total=len(requests), desc="Finished requests", leave=False) as bar:
 

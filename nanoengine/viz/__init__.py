@@ -6,7 +6,7 @@ Same input, same pixels: nothing here reads a clock or a random source, and
 
 from nanoengine.viz.anatomy import model_anatomy, parameter_counts
 from nanoengine.viz.animation import allocation_animation, explore
-from nanoengine.viz.bench_plots import batching_throughput, chunk_size_tradeoff, kv_cache_speed
+from nanoengine.viz.bench_plots import batching_throughput, chunk_size_tradeoff, kv_cache_speed, progression_chart
 from nanoengine.viz.beam_tree import beam_tree, beam_trie
 from nanoengine.viz.block_pool import block_pool_grid, block_tables, slot_states, trace_colors
 from nanoengine.viz.examples import (
@@ -32,7 +32,7 @@ __all__ = [
     "block_tables", "cache_hits_per_request", "chunk_size_tradeoff", "example_beam_output", "example_logits",
     "example_paging_manager", "example_paging_trace", "example_prefix_manager", "example_prefix_trace",
     "example_scheduler_trace", "explore", "gantt_states", "kernel_thread_mapping", "kv_cache_speed",
-    "model_anatomy", "paged_vs_contiguous", "parameter_counts", "prefix_tree", "prefix_tree_nodes",
+    "model_anatomy", "paged_vs_contiguous", "parameter_counts", "prefix_tree", "prefix_tree_nodes", "progression_chart",
     "request_lives", "RequestLife", "sampling_distributions", "sampling_effects", "save_figure",
     "scheduler_gantt", "slot_states", "token_timeline", "trace_colors",
 ]

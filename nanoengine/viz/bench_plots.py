@@ -103,3 +103,33 @@ def chunk_size_tradeoff(results: list[dict]) -> Figure:
                      f"{_workload(r)}", fontsize=9.5)
     fig.subplots_adjust(wspace=0.3, top=0.76, bottom=0.13, left=0.06, right=0.98)
     return fig
+
+
+def progression_chart(result: dict) -> Figure:
+    """Lesson 15: one workload through every engine of the course (``bench progression``).
+    Total tokens/s per stage on a log scale (median, min–max whiskers), each bar labelled
+    with its speed-up over lesson 01's loop."""
+    stages = result["stages"]
+    names = [s["label"] for s in stages]
+    stats = [s["total_tokens_per_s"] for s in stages]
+    med = [s["median"] for s in stats]
+    fig = Figure(figsize=(10, 4.6))
+    ax = fig.add_subplot(1, 1, 1)
+    rows = list(range(len(stages)))[::-1]  # first stage on top
+    err = [[m - s["min"] for m, s in zip(med, stats)], [s["max"] - m for m, s in zip(med, stats)]]
+    ax.barh(rows, med, xerr=err, capsize=4, color=["#999999"] * 3 + ["#4C72B0"] * (len(stages) - 3), height=0.6)
+    for row, m, s in zip(rows, med, stats):
+        ax.annotate(f"{m:,.0f} tokens/s  ({m / med[0]:.0f}×)", (s["max"], row), xytext=(6, 0),
+                    textcoords="offset points", va="center", fontsize=9.5)
+    ax.set_yticks(rows, names)
+    ax.set_xscale("log")
+    ax.set_xlim(min(s["min"] for s in stats) * 0.5, max(s["max"] for s in stats) * 8)
+    ax.set_xlabel("total tokens/s (prompt + output), log scale; median of runs")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.suptitle(
+        f"{result['num_prompts']} requests sharing a {result['prefix_len']}-token system prompt, "
+        f"{result['input_len']} tokens each of their own, {result['output_len']} generated; "
+        f"{result['model']}, {result['dtype']}\nmeasured {result['date']} on {result['machine']}", fontsize=9)
+    fig.subplots_adjust(left=0.27, right=0.97, top=0.85, bottom=0.14)
+    return fig

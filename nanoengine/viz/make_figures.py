@@ -34,6 +34,7 @@ from nanoengine.viz import (  # noqa: E402
     model_anatomy,
     paged_vs_contiguous,
     prefix_tree,
+    progression_chart,
     sampling_effects,
     save_figure,
     scheduler_gantt,
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         save_figure(beam_tree(example_beam_output(), len(BEAM_PROMPT), labels=BEAM_VOCAB.__getitem__),
                     args.out / "beam_tree.png"),
     ]
+    progression = _bench("l15_progression")
+    if progression:
+        written.append(save_figure(progression_chart(progression), args.out / "progression.png"))
     for path in written:
         print(path)
     return 0
