@@ -48,18 +48,19 @@ def hf(zoo_paths):
 
 @functools.cache
 def _llm(path: Path) -> LLM:
-    return LLM(str(path), dtype="float32")
+    return LLM(str(path), dtype="float32", fast_path=False)
 
 
 @pytest.fixture(scope="session")
 def llm_for(zoo_paths):
-    """``llm_for(name)``: a float32 ``LLM`` over a zoo model (cached)."""
+    """``llm_for(name)``: a float32 ``LLM`` over a zoo model (cached), on the reference path: lesson
+    15's fast path is held to it by its own tests."""
     return lambda name: _llm(zoo_paths[name])
 
 
 @functools.cache
 def _recompute_llm(path: Path) -> LLM:
-    llm = LLM(str(path), dtype="float32")
+    llm = LLM(str(path), dtype="float32", fast_path=False)
     llm.llm_engine = NaiveEngine(llm.loaded, kv_cache="none")
     return llm
 

@@ -89,7 +89,7 @@ def test_unknown_gguf_tensor_is_named():
 def test_smollm2_greedy_equals_transformers_on_the_same_gguf(gguf_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    llm = LLM(dtype="float32")
+    llm = LLM(dtype="float32", fast_path=False)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     hf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
     params = SamplingParams(temperature=0.0, max_tokens=32, min_tokens=32)

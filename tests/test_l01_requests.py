@@ -78,7 +78,7 @@ def test_sequence_stops_at_max_model_len(zoo_paths):
     from nanoengine import LLM
     from nanoengine.engine.naive import NaiveEngine
 
-    llm = LLM(str(zoo_paths["llama-gqa"]), dtype="float32", max_model_len=10)
+    llm = LLM(str(zoo_paths["llama-gqa"]), dtype="float32", max_model_len=10, fast_path=False)
     llm.llm_engine = NaiveEngine(llm.loaded, kv_cache="none")
     out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"

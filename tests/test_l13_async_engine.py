@@ -19,7 +19,8 @@ NAME = "llama-gqa"
 
 @pytest.fixture(scope="module")
 def engine(zoo_paths):
-    started = AsyncEngine.start(str(zoo_paths[NAME]), dtype="float32", kv_cache_memory_bytes=2**22, block_size=4)
+    started = AsyncEngine.start(str(zoo_paths[NAME]), dtype="float32", kv_cache_memory_bytes=2**22, block_size=4,
+                                fast_path=False)
     yield started
     started.shutdown()
 

@@ -120,7 +120,8 @@ def _serving(arguments: list[str], log: Path):
 @pytest.fixture(scope="module")
 def server(zoo_paths, tmp_path_factory):
     path = zoo_paths[MODEL]
-    arguments = [str(path), "--dtype", "float32", "--kv-cache-memory", "4MiB", "--max-model-len", str(MAX_MODEL_LEN)]
+    arguments = [str(path), "--dtype", "float32", "--kv-cache-memory", "4MiB", "--max-model-len", str(MAX_MODEL_LEN),
+                 "--no-fast-path"]
     with _serving(arguments, tmp_path_factory.mktemp("server") / "server.log") as base:
         running = Server(base, path)
         yield running
