@@ -7,6 +7,7 @@ float32 and loses precision for nothing.
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
@@ -50,3 +51,27 @@ def available_memory_bytes(device: torch.device) -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("cannot read available memory; pass kv_cache_memory_bytes")
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest value glibc accepts on 64-bit
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Tell glibc to serve PyTorch's activation buffers from the heap and to keep freed memory.
+
+    PyTorch's CPU allocator asks ``malloc`` for every tensor. glibc hands out blocks above its
+    mmap threshold (128 KiB at start) as fresh pages from the kernel and returns them on
+    ``free``, so each multi-megabyte activation of a prefill step page-faults its way in again,
+    and elementwise operations run at a fraction of their speed. glibc raises the threshold by
+    itself only after a large block is freed, which the reference path happens to do on every
+    bf16 matmul (oneDNN's weight reorder buffer) and the fast path, with prepacked weights,
+    never does. Raising the thresholds once gives the fast path the warm heap for good.
+    Returns False where there is no glibc (the engine works the same, only slower).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**30))

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import math
+import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from nanoengine.config import ModelConfig
 from nanoengine.model import load_model
 from nanoengine.model.layers.norm import RMSNorm
 from nanoengine.model.layers.onednn import OneDNNPackedLinearMethod, onednn_packing_available
+from nanoengine.platform import keep_freed_memory_for_reuse
 from nanoengine.worker.model_runner import ModelRunner
 from tests.test_l04_paged_attention import dense_reference, mixed_batches
 
@@ -199,3 +202,9 @@ def test_decode_floors_follow_from_the_rates(ours):
     assert floors["batched_tokens_per_s"] == pytest.approx(700e9 / (2 * params))
     probed = probe_machine(copy_mib=1, matmul_size=64, repeats=1)
     assert probed.copy_bytes_per_s > 0 and set(probed.matmul_flops_per_s) == {"float32", "bfloat16"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists() or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_glibc_accepts_the_allocator_settings():
+    """mallopt refuses out-of-range values by returning 0: the thresholds must be ones it takes."""
+    assert keep_freed_memory_for_reuse()

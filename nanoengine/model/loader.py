@@ -24,7 +24,7 @@ from nanoengine.model import gguf_file
 from nanoengine.model.bundled import DEFAULT_MODEL, bundled_model_path, bundled_names
 from nanoengine.model.layers.onednn import onednn_packing_available, pack_linear_weights
 from nanoengine.model.registry import model_class_for
-from nanoengine.platform import resolve_device, resolve_dtype
+from nanoengine.platform import keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 
 logger = logging.getLogger("nanoengine")
 
@@ -90,6 +90,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         model.load_weights(tqdm(weights, total=count, desc="Loading weights", leave=False, disable=count < 50))
     model.eval()
     packed = pack_linear_weights(model) if config.fast_path and onednn_packing_available(dtype, device) else 0
+    if config.fast_path and device.type == "cpu":
+        keep_freed_memory_for_reuse()
     tokenizer = load_tokenizer(path)
     loaded = LoadedModel(
         model=model,
