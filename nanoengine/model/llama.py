@@ -40,7 +40,6 @@ class LlamaAttention(nn.Module):
         self,
         config: PretrainedConfig,
         layer_idx: int,
-        rotary: RotaryEmbedding,
         dtype: torch.dtype,
         qkv_bias: bool,
         o_bias: bool,
@@ -56,7 +55,6 @@ class LlamaAttention(nn.Module):
             config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias, dtype
         )
         self.o_proj = RowLinear(self.num_heads * self.head_dim, config.hidden_size, o_bias, dtype)
-        self.rotary = rotary
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
@@ -103,7 +101,6 @@ class LlamaDecoderLayer(nn.Module):
         self,
         config: PretrainedConfig,
         layer_idx: int,
-        rotary: RotaryEmbedding,
         dtype: torch.dtype,
         qkv_bias: bool,
         qk_norm: bool,
@@ -111,7 +108,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         o_bias = getattr(config, "attention_bias", False)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, layer_idx, rotary, dtype, qkv_bias, o_bias, qk_norm)
+        self.self_attn = LlamaAttention(config, layer_idx, dtype, qkv_bias, o_bias, qk_norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(config, dtype)
 
@@ -128,9 +125,9 @@ class LlamaModel(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.rotary = rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
+        self.rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary, dtype, qkv_bias, qk_norm) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, dtype, qkv_bias, qk_norm) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
