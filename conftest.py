@@ -12,7 +12,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 # numba reads this once, when first imported: without a GPU, numba.cuda kernels (lesson 05)
 # run on the CUDA simulator. setdefault leaves an explicit choice alone.
@@ -32,6 +32,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.register_profile("dev", parent=settings.get_profile("ci"), derandomize=False, max_examples=200)
+# Grading (python -m nanoengine.course grade) wants pass/fail fast: in a student copy most
+# tests fail at once on a stub, and shrinking or explaining each failure would take minutes.
+settings.register_profile("grade", parent=settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile("ci")
 
 
@@ -45,6 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "gpu": "needs a real GPU",
         "slow": "takes more than a few seconds",
         "nb": "a notebook executed by nbmake",
+        "course": "the course machinery (student copies, grading): in no lesson",
     }.items():
         config.addinivalue_line("markers", f"{name}: {text}")
 

@@ -25,6 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
+                   help="lesson 15's fast kernels (off: the reference path)")
     p.set_defaults(func=main)
 
 
@@ -41,7 +43,8 @@ async def _reply(engine: AsyncEngine, token_ids: list[int], params: SamplingPara
 
 
 def main(args: argparse.Namespace) -> int:
-    engine = AsyncEngine.start(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed)
+    engine = AsyncEngine.start(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+                               fast_path=args.fast_path)
     tokenizer, max_len = engine.info.tokenizer, engine.info.max_model_len
     system = [{"role": "system", "content": args.system}] if args.system else []
     conversation = list(system)

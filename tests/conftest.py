@@ -47,15 +47,16 @@ def hf(zoo_paths):
 
 
 @functools.cache
-def _llm(path: Path) -> LLM:
-    return LLM(str(path), dtype="float32", fast_path=False)
+def _llm(path: Path, prefix_caching: bool) -> LLM:
+    return LLM(str(path), dtype="float32", fast_path=False, enable_prefix_caching=prefix_caching)
 
 
 @pytest.fixture(scope="session")
 def llm_for(zoo_paths):
     """``llm_for(name)``: a float32 ``LLM`` over a zoo model (cached), on the reference path: lesson
-    15's fast path is held to it by its own tests."""
-    return lambda name: _llm(zoo_paths[name])
+    15's fast path is held to it by its own tests. ``llm_for(name, prefix_caching=False)`` runs
+    nothing of lesson 08, for lessons 06–07's tests."""
+    return lambda name, prefix_caching=True: _llm(zoo_paths[name], prefix_caching)
 
 
 @functools.cache

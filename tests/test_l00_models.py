@@ -1,4 +1,7 @@
-"""Lesson 00: nanoengine's models equal transformers on the tiny zoo (logits, greedy tokens)."""
+"""Lesson 00: nanoengine's models equal transformers on the tiny zoo (logits of a forward pass).
+
+Greedy generation through the whole engine against transformers is lesson 06's test, where
+the engine is built (test_l06_engine.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +10,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nanoengine import SamplingParams
 from nanoengine.attention import NoCache
 from nanoengine.config import ModelConfig
 from nanoengine.model import load_model, resolve_model_path
 from tests.conftest import ZOO_NAMES
-from tests.oracles import assert_same_greedy, hf_greedy
 
 pytestmark = pytest.mark.l00
 
@@ -29,15 +30,6 @@ def test_logits_equal_transformers(name, prompt, ours, hf):
         logits = loaded.model.compute_logits(hidden)
         expected = hf_model(ids[None]).logits[0]
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", ZOO_NAMES)
-@given(prompt=prompts, num_tokens=st.integers(1, 24))
-def test_greedy_generate_equals_transformers(name, prompt, num_tokens, llm_for, hf):
-    llm = llm_for(name)
-    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, min_tokens=num_tokens)
-    ours = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
-    assert_same_greedy(hf(name), prompt, ours, hf_greedy(hf(name), prompt, num_tokens))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

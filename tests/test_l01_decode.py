@@ -117,13 +117,14 @@ def test_sampler_mixes_greedy_and_random_rows_and_respects_bans():
 
 
 @pytest.mark.l01_t2
-def test_seeded_sampling_is_reproducible_and_seed_dependent(recompute_llm_for):
-    llm = recompute_llm_for("llama-gqa")
-    prompt = {"prompt_token_ids": [5, 6, 7, 8]}
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    """A row with its own generator draws the same tokens from the same seed, step after step."""
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.5, top_k=40, top_p=0.95)
 
     def run(seed):
-        params = SamplingParams(temperature=1.5, max_tokens=24, min_tokens=24, seed=seed)
-        return llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        row = SamplingRow(params, torch.Generator().manual_seed(seed))
+        return [sample(logits, [row], torch.Generator().manual_seed(step)).token_ids[0] for step in range(24)]
 
     assert run(1) == run(1)
     assert run(1) != run(2)

@@ -47,6 +47,15 @@ def test_stop_token_id_is_kept_in_token_ids(llm):
     assert out.finish_reason == "stop" and out.stop_reason == stop_id
 
 
+def test_a_seed_makes_a_requests_sampling_reproducible(llm):
+    def run(seed):
+        params = SamplingParams(temperature=1.5, max_tokens=24, min_tokens=24, seed=seed)
+        return llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
 def test_eos_ends_the_sequence_unless_ignored(llm):
     eos = next(iter(llm.loaded.eos_token_ids))
     bias_prompt = _find_prompt_that_reaches_eos(llm, eos)

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 
 from nanoengine.attention import ContiguousKVCache, causal_attention
 from nanoengine.cache.contiguous import contiguous_requests_that_fit, kv_bytes_per_token
+from nanoengine.config import ModelConfig
+from nanoengine.engine.llm_engine import kv_bytes_per_slot
 from nanoengine.engine.naive import kv_cache_decode, recompute_decode
+from nanoengine.model import load_model
 from nanoengine.model.llama import head_dim_of
 from tests.conftest import ZOO_NAMES
 
@@ -31,6 +34,18 @@ def test_bytes_per_token_matches_the_cache_tensors(dtype, layers, kv_heads, head
 def test_smollm2_bytes_per_token():
     assert kv_bytes_per_token(30, 3, 64, 2) == 23_040
     assert contiguous_requests_that_fit(2**30, 23_040, 8192) == 5
+
+
+@pytest.mark.l02_t1
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_bytes_per_token_is_what_the_engines_pool_takes_per_slot(name, dtype, zoo_paths):
+    """The engine sizes its paged pool by measuring one slot of it; the formula must predict it."""
+    loaded = load_model(ModelConfig(model=str(zoo_paths[name]), dtype=dtype))
+    config = loaded.hf_config
+    per_token = kv_bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, head_dim_of(config),
+                                   loaded.dtype.itemsize)
+    assert per_token == kv_bytes_per_slot(loaded)
 
 
 def _dense_reference(q, k, v, scale):

@@ -4,7 +4,6 @@ the contiguous cache (lesson 02) and the recompute loop (lesson 01)."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -13,77 +12,62 @@ from hypothesis import strategies as st
 
 from nanoengine.attention.metadata import build_attention_metadata
 from nanoengine.attention.registry import get_attention_backend
-from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache, write_kv
+from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache, paged_attention, write_kv
 from nanoengine.engine.naive import NaiveEngine
 from nanoengine.engine.inputs import Prompt
 from nanoengine.sampling_params import SamplingParams
 from tests.conftest import ZOO_NAMES
+from tests.paged import BLOCK_SIZES, paged_batches
 
 pytestmark = pytest.mark.l04
 
-BLOCK_SIZES = [1, 2, 3, 4, 8, 16]
-
-
-def dense_reference(q, k, v, scale, q_offset):
-    """One sequence, float64, one query head at a time: the obvious way."""
-    num_tokens, num_heads, _ = q.shape
-    group = num_heads // k.shape[1]
-    out = torch.empty(q.shape, dtype=torch.float64)
-    query_pos = torch.arange(num_tokens)[:, None] + q_offset
-    future = torch.arange(k.shape[0])[None, :] > query_pos
-    for h in range(num_heads):
-        scores = (q[:, h].double() @ k[:, h // group].double().T) * scale
-        out[:, h] = scores.masked_fill(future, float("-inf")).softmax(-1) @ v[:, h // group].double()
-    return out
-
-
-@st.composite
-def mixed_batches(draw):
-    """Sequences with some tokens cached and some new: prefills (0 cached), chunks, decodes (1 new)."""
-    block_size = draw(st.sampled_from(BLOCK_SIZES))
-    kv_heads, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    head_dim = draw(st.sampled_from([3, 5, 8, 12, 16]))
-    seqs = draw(st.lists(st.tuples(st.integers(0, 20), st.integers(1, 8)), min_size=1, max_size=4))
-    seqs = [(cached, 1 if draw(st.booleans()) and cached else new) for cached, new in seqs]
-    return block_size, kv_heads, group, head_dim, seqs, draw(st.integers(0, 2**16))
-
 
 @pytest.mark.l04_t1
+@given(num_blocks=st.integers(1, 6), block_size=st.sampled_from(BLOCK_SIZES), kv_heads=st.integers(1, 3),
+       head_dim=st.sampled_from([1, 4, 12]), data=st.data())
+def test_write_kv_stores_each_row_at_its_slot_and_nowhere_else(num_blocks, block_size, kv_heads, head_dim, data):
+    """Slot ``s`` is offset ``s % block_size`` of block ``s // block_size`` (PagedKVCache's
+    layout); the write lands in place, in the layer it was given."""
+    slots = data.draw(st.permutations(range(num_blocks * block_size)))
+    slots = slots[: data.draw(st.integers(1, len(slots)))]
+    k, v = torch.randn(len(slots), kv_heads, head_dim), torch.randn(len(slots), kv_heads, head_dim)
+    cache = PagedKVCache(2, num_blocks, block_size, kv_heads, head_dim, torch.float32)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    expected_k, expected_v = cache.k.clone(), cache.v.clone()
+    for row, slot in enumerate(slots):
+        block, offset = divmod(slot, block_size)
+        expected_k[1, block, offset], expected_v[1, block, offset] = k[row], v[row]
+    write_kv(cache.k[1], cache.v[1], k, v, torch.tensor(slots))
+    torch.testing.assert_close(cache.k, expected_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(cache.v, expected_v, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.l04_t2
+@given(batch=paged_batches())
+def test_each_sequence_attends_over_its_own_blocks(batch):
+    """The reference backend on a pool and metadata written by hand (tests/paged.py): each
+    sequence's queries see exactly its own cached and new tokens, causally."""
+    out = paged_attention(batch.q, *batch.pool(), batch.metadata(), batch.scale)
+    torch.testing.assert_close(out.double(), batch.expected(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.l04_t3
 @pytest.mark.parametrize("backend", ["torch", "torch_batched"])
-@given(batch=mixed_batches())
-def test_paged_attention_equals_dense(backend, batch):
-    block_size, kv_heads, group, head_dim, seqs, seed = batch
-    g = torch.Generator().manual_seed(seed)
-    num_blocks = sum(math.ceil((c + n) / block_size) for c, n in seqs) + 2
-    order = torch.randperm(num_blocks, generator=g).tolist()  # tables point all over the pool
-    tables, used = [], 0
-    for cached, new in seqs:
-        count = math.ceil((cached + new) / block_size)
-        tables.append(order[used : used + count])
-        used += count
-    cache = PagedKVCache(1, num_blocks, block_size, kv_heads, head_dim, torch.float32)
-    cache.k.fill_(float("nan"))  # a backend that reads a slot it does not own fails loudly
-    cache.v.fill_(float("nan"))
-    past = [(torch.randn(c, kv_heads, head_dim, generator=g), torch.randn(c, kv_heads, head_dim, generator=g)) for c, _ in seqs]
-    for table, (cached, _), (k, v) in zip(tables, seqs, past):
+@given(batch=paged_batches())
+def test_a_step_through_built_metadata_equals_dense(backend, batch):
+    """The whole step as the engine runs it: metadata from the block tables, the cached tokens
+    written through it, then each layer's write and attention (PagedAttention.attend)."""
+    cache = PagedKVCache(1, batch.num_blocks, batch.block_size, *batch.keys[0].shape[1:], torch.float32)
+    cache.k[0], cache.v[0] = batch.empty_pool()
+    for table, keys, values, (cached, _) in zip(batch.tables, batch.keys, batch.values, batch.seqs):
         if cached:
-            meta = build_attention_metadata([table], [0], [cached], block_size)
-            write_kv(cache.k[0], cache.v[0], k, v, meta.slot_mapping)
-    total = sum(n for _, n in seqs)
-    q = torch.randn(total, kv_heads * group, head_dim, generator=g)
-    k = torch.randn(total, kv_heads, head_dim, generator=g)
-    v = torch.randn(total, kv_heads, head_dim, generator=g)
-    meta = build_attention_metadata(tables, [c for c, _ in seqs], [n for _, n in seqs], block_size)
-    scale = head_dim**-0.5
-    out = PagedAttention(cache, meta, get_attention_backend(backend)).attend(0, q, k, v, scale)
-    start = 0
-    for (cached, new), (pk, pv) in zip(seqs, past):
-        rows = slice(start, start + new)
-        expected = dense_reference(q[rows], torch.cat([pk, k[rows]]), torch.cat([pv, v[rows]]), scale, cached)
-        torch.testing.assert_close(out[rows].double(), expected, rtol=1e-5, atol=1e-5)
-        start += new
+            meta = build_attention_metadata([table], [0], [cached], batch.block_size)
+            write_kv(cache.k[0], cache.v[0], keys[:cached], values[:cached], meta.slot_mapping)
+    meta = build_attention_metadata(batch.tables, [c for c, _ in batch.seqs], [n for _, n in batch.seqs],
+                                    batch.block_size)
+    out = PagedAttention(cache, meta, get_attention_backend(backend)).attend(0, batch.q, *batch.new_kv(), batch.scale)
+    torch.testing.assert_close(out.double(), batch.expected(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.l04_t3

@@ -8,7 +8,6 @@ a kernel that reads past a sequence's length or follows a padding entry cannot p
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 
@@ -18,66 +17,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanoengine.attention.numba_cuda import MAX_HEAD_DIM, paged_attention_decode
+from tests.paged import PagedBatch, paged_batch
 
 pytestmark = [pytest.mark.l05, pytest.mark.kernel]
 
 
-def _paged_case(
-    seq_lens: list[int],
-    block_size: int,
-    num_kv_heads: int,
-    group: int,
-    head_dim: int,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    poison: bool = True,
-) -> dict:
-    """Random queries and a shuffled paged cache holding ``seq_lens`` tokens per sequence."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = 1 + sum(blocks_per_seq) + 2  # block 0 is never owned; two spare blocks
-    ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
-    tables, owned = [], torch.zeros(num_blocks, block_size, dtype=torch.bool)
-    for n, count in zip(seq_lens, blocks_per_seq):
-        table, ids = ids[:count], ids[count:]
-        tables.append(table)
-        for pos in range(n):
-            owned[table[pos // block_size], pos % block_size] = True
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen)
-    v_cache = torch.randn(shape, generator=gen)
-    if poison:
-        k_cache[~owned] = float("nan")
-        v_cache[~owned] = float("nan")
-    width = max(blocks_per_seq) + 1  # always at least one padding column
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen)
-    return dict(
-        q=q.to(dtype), k_cache=k_cache.to(dtype), v_cache=v_cache.to(dtype), block_tables=block_tables,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), scale=head_dim**-0.5, tables=tables,
-    )
+def _decode_batch(seq_lens, block_size, num_kv_heads, group, head_dim, dtype=torch.float32, seed=0):
+    """One decode query per sequence of ``seq_lens`` tokens, on a pool written by hand (tests/paged.py)."""
+    return paged_batch([(n - 1, 1) for n in seq_lens], block_size, num_kv_heads, group, head_dim, seed, dtype)
 
 
-def _dense_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, **_) -> torch.Tensor:
-    """softmax(q K^T * scale) V per sequence and head, in float64, K/V gathered position by position."""
-    batch, num_heads, _ = q.shape
-    group = num_heads // k_cache.shape[2]
-    block_size = k_cache.shape[1]
-    out = torch.zeros(q.shape, dtype=torch.float64)
-    for i, n in enumerate(seq_lens.tolist()):
-        pos = torch.arange(n)
-        blocks = block_tables[i, pos // block_size].long()
-        k = k_cache[blocks, pos % block_size].double()  # [n, Hkv, D]
-        v = v_cache[blocks, pos % block_size].double()
-        for h in range(num_heads):
-            probs = torch.softmax(k[:, h // group] @ q[i, h].double() * scale, dim=0)
-            out[i, h] = probs @ v[:, h // group]
-    return out
-
-
-def _run(case: dict) -> torch.Tensor:
-    return paged_attention_decode(case["q"], case["k_cache"], case["v_cache"], case["block_tables"],
-                                  case["seq_lens"], case["scale"])
+def _run(batch: PagedBatch, device: str = "cpu") -> torch.Tensor:
+    q, k_cache, v_cache, block_tables, seq_lens = (x.to(device) for x in batch.decode_args())
+    return paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, batch.scale)
 
 
 @pytest.mark.l05_t1
@@ -91,50 +43,46 @@ def _run(case: dict) -> torch.Tensor:
     seed=st.integers(0, 2**16),
 )
 def test_kernel_matches_dense_attention(seq_lens, block_size, num_kv_heads, group, head_dim, seed):
-    case = _paged_case(seq_lens, block_size, num_kv_heads, group, head_dim, seed=seed)
-    out = _run(case)
-    assert out.shape == case["q"].shape and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), _dense_reference(**case), atol=2e-5, rtol=2e-5)
+    batch = _decode_batch(seq_lens, block_size, num_kv_heads, group, head_dim, seed=seed)
+    out = _run(batch)
+    assert out.shape == batch.q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), batch.expected(), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.l05_t1
 def test_partly_filled_last_block():
     """13 tokens in blocks of 8 leave 3 NaN slots in the last block; 8 fill theirs; 1 uses one slot."""
-    case = _paged_case([13, 8, 1], block_size=8, num_kv_heads=2, group=2, head_dim=8, seed=1)
-    out = _run(case)
+    batch = _decode_batch([13, 8, 1], block_size=8, num_kv_heads=2, group=2, head_dim=8, seed=1)
+    out = _run(batch)
     assert torch.isfinite(out).all(), "the kernel read a slot past a sequence's length"
-    torch.testing.assert_close(out.double(), _dense_reference(**case), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double(), batch.expected(), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.l05_t1
 @pytest.mark.parametrize("head_dim", [5, 40, MAX_HEAD_DIM])
 def test_head_sizes_that_do_not_divide_the_block(head_dim):
     """40 needs a second, partial round of the threads' stride over the head dimension."""
-    case = _paged_case([7, 33], block_size=4, num_kv_heads=1, group=1, head_dim=head_dim, seed=head_dim)
-    torch.testing.assert_close(_run(case).double(), _dense_reference(**case), atol=2e-5, rtol=2e-5)
+    batch = _decode_batch([7, 33], block_size=4, num_kv_heads=1, group=1, head_dim=head_dim, seed=head_dim)
+    torch.testing.assert_close(_run(batch).double(), batch.expected(), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.l05_t1
 def test_bfloat16_in_bfloat16_out():
-    case = _paged_case([9, 20], block_size=4, num_kv_heads=1, group=2, head_dim=12, dtype=torch.bfloat16, seed=2)
-    out = _run(case)
+    batch = _decode_batch([9, 20], block_size=4, num_kv_heads=1, group=2, head_dim=12, dtype=torch.bfloat16, seed=2)
+    out = _run(batch)
     assert out.dtype == torch.bfloat16
     # The oracle sees the same bf16 inputs; only the output's rounding to bf16 differs.
-    torch.testing.assert_close(out.double(), _dense_reference(**case), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), batch.expected(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.l05_t1
 def test_kernel_equals_the_pytorch_reference():
     """Lesson 04's paged attention is the oracle the kernel replaces behind the same cache."""
-    torch_paged = pytest.importorskip("nanoengine.attention.torch_paged")
-    from nanoengine.attention.metadata import build_attention_metadata
+    from nanoengine.attention.torch_paged import paged_attention
 
-    seq_lens, block_size = [1, 6, 17], 4
-    case = _paged_case(seq_lens, block_size, num_kv_heads=2, group=3, head_dim=12, seed=3, poison=False)
-    metadata = build_attention_metadata(case["tables"], [n - 1 for n in seq_lens], [1] * len(seq_lens), block_size)
-    expected = torch_paged.paged_attention(case["q"], case["k_cache"], case["v_cache"], metadata, case["scale"])
-    out = paged_attention_decode(case["q"], case["k_cache"], case["v_cache"], metadata.block_tables,
-                                 torch.tensor(metadata.seq_lens, dtype=torch.int32), case["scale"])
+    batch = _decode_batch([1, 6, 17], block_size=4, num_kv_heads=2, group=3, head_dim=12, seed=3)
+    out = _run(batch)
+    expected = paged_attention(batch.q, *batch.pool(), batch.metadata(), batch.scale)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -173,12 +121,11 @@ def test_kernel_on_a_gpu_at_a_realistic_size(dtype):
     if numba.config.ENABLE_CUDASIM or not torch.cuda.is_available():
         pytest.skip("needs a real CUDA GPU (the CUDA simulator is on, or torch sees no GPU)")
     seq_lens = [1, 17, 300, 999, 64, 513, 128, 2]
-    case = _paged_case(seq_lens, block_size=16, num_kv_heads=8, group=4, head_dim=128, dtype=dtype, seed=4)
-    on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
-    out = _run(on_gpu)
+    batch = _decode_batch(seq_lens, block_size=16, num_kv_heads=8, group=4, head_dim=128, dtype=dtype, seed=4)
+    out = _run(batch, "cuda")
     assert out.is_cuda and out.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.cpu().double(), _dense_reference(**case), atol=tol, rtol=tol)
+    torch.testing.assert_close(out.cpu().double(), batch.expected(), atol=tol, rtol=tol)
 
 
 def test_registry_picks_the_batched_path_on_cpu_and_the_kernel_on_gpu():

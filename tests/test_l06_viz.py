@@ -78,19 +78,6 @@ def test_example_preempts_once_and_chunks_a_long_prompt(example):
     assert any(data.prompt_lens[i] > budget for i in chunked), "no prompt longer than the budget"
 
 
-@pytest.mark.l07
-def test_decodes_keep_running_while_a_long_prompt_is_chunked(example):
-    trace, budget = example
-    data = gantt_states(trace)
-    long = next(i for i, n in enumerate(data.prompt_lens) if n > budget)
-    steps = [s for s, state in enumerate(data.states[long]) if state == PREFILL]
-    assert len(steps) >= 2 and all(c <= budget for c in data.chunk_sizes[long])
-    for step in steps:
-        decoding = [row[step] for row in data.states if row[step] == DECODE]
-        assert decoding, f"nobody decoded in step {step} while the long prompt was prefilled"
-        assert data.total_tokens_per_step()[step] <= budget
-
-
 def test_token_counts_match_the_trace_and_respect_the_budget(example):
     trace, budget = example
     data = gantt_states(trace)

@@ -1,8 +1,8 @@
-"""Lesson 07: chunked prefill in the scheduler (no model). A prompt longer than the step's
-budget is computed in consecutive chunks; decodes keep going meanwhile; a step leaves at
-most one prompt unfinished, and only when that prompt used up the rest of the budget.
-
-The engine-level property (chunked == unchunked, token for token) is in test_l06_engine.py.
+"""Lesson 07: chunked prefill. In the scheduler (no model): a prompt longer than the step's
+budget is computed in consecutive chunks; decodes keep going meanwhile (the Gantt chart of
+the example trace shows it too); a step leaves at most one prompt unfinished, and only when
+that prompt used up the rest of the budget. Through the engine: with chunking off, every
+request's tokens equal its run alone, as they do with chunking on (test_l06_engine.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from nanoengine.request import Request
 from nanoengine.sampling_params import SamplingParams
 from nanoengine.scheduler import Scheduler
 from nanoengine.scheduler.simulate import simulate_step
+from nanoengine.viz import example_scheduler_trace, gantt_states
+from nanoengine.viz.gantt import DECODE, PREFILL
+from tests.engines import alone, drive, make_engine
+from tests.test_l06_engine import NAME, _arrivals, requests
 
 pytestmark = pytest.mark.l07
 
@@ -23,8 +27,6 @@ pytestmark = pytest.mark.l07
 def _request(request_id: str, prompt_len: int, max_tokens: int) -> Request:
     prompt = [100 + i for i in range(prompt_len)]  # distinct ids, so a chunk's tokens say where they came from
     return Request(request_id, None, prompt, SamplingParams(max_tokens=max_tokens), frozenset(), 0.0)
-
-
 
 
 def test_a_long_prompt_is_computed_in_budget_sized_chunks():
@@ -93,3 +95,24 @@ def test_at_most_one_unfinished_prompt_chunk_per_step(arrivals, budget, num_bloc
             assert plan.num_batched_tokens == budget, "a prompt was cut although budget was left"
         step += 1
         assert step < 1000, "requests starved"
+
+
+def test_the_example_trace_decodes_while_a_long_prompt_is_chunked():
+    trace, budget = example_scheduler_trace()
+    data = gantt_states(trace)
+    long = next(i for i, n in enumerate(data.prompt_lens) if n > budget)
+    steps = [s for s, state in enumerate(data.states[long]) if state == PREFILL]
+    assert len(steps) >= 2 and all(c <= budget for c in data.chunk_sizes[long])
+    for step in steps:
+        decoding = [row[step] for row in data.states if row[step] == DECODE]
+        assert decoding, f"nobody decoded in step {step} while the long prompt was prefilled"
+        assert data.total_tokens_per_step()[step] <= budget
+
+
+@given(drawn=requests)
+def test_without_chunked_prefill_the_engine_equals_alone(drawn, ours):
+    loaded = ours(NAME)
+    arrivals = _arrivals(drawn)
+    finished = drive(make_engine(loaded, chunked=False), arrivals)
+    for _, request_id, prompt, params in arrivals:
+        assert finished[request_id] == alone(loaded, prompt, params)

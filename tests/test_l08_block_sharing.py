@@ -1,14 +1,19 @@
 """Lesson 08 without a model: block hashes, prefix hits, eviction, fork and copy-on-write,
-as unit tests and as a state machine over the cache manager's invariants."""
+as unit tests and as a state machine over the cache manager's invariants. Copy-on-write
+runs inside ``allocate_slots`` before lesson 03's allocation: its tests start from tables
+shared by hand (``_hold``), so that they run nothing else of the lesson first."""
 
 from __future__ import annotations
 
+import collections
 import math
 
 import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
 
+from nanoengine.cache.block_pool import BlockPool
 from nanoengine.cache.kv_cache_manager import KVCacheManager
 from nanoengine.cache.prefix_hash import block_hashes, hash_block_tokens
 from nanoengine.trace import Trace, replay
@@ -31,6 +36,20 @@ def test_a_block_hash_names_its_whole_prefix():
     assert block_hashes(list(range(10)), 4, known=hashes[:1]) == hashes
 
 
+@pytest.mark.l08_t1
+@given(a=st.lists(st.integers(0, 2), max_size=12), block_size=st.integers(1, 4), data=st.data())
+def test_two_sequences_share_a_block_hash_exactly_when_they_share_the_prefix_up_to_it(a, block_size, data):
+    """``b`` is ``a`` (three token ids, so blocks often repeat) edited from a drawn point on:
+    the rest shuffled, or one token replaced."""
+    cut = data.draw(st.integers(0, len(a)))
+    rest = a[cut:]
+    b = a[:cut] + data.draw(st.permutations(rest) | st.integers(0, 2).map(lambda token: [token] + rest[1:]))
+    hashes_a, hashes_b = block_hashes(a, block_size), block_hashes(b, block_size)
+    assert (len(hashes_a), len(hashes_b)) == (len(a) // block_size, len(b) // block_size), "one per full block"
+    for i, (x, y) in enumerate(zip(hashes_a, hashes_b)):
+        assert (x == y) == (a[: (i + 1) * block_size] == b[: (i + 1) * block_size]), f"block {i}"
+
+
 @pytest.mark.l08_t2
 def test_a_new_request_reuses_the_cached_full_blocks_of_its_prefix():
     manager = KVCacheManager(16, 4, enable_prefix_caching=True)
@@ -50,6 +69,7 @@ def test_a_new_request_reuses_the_cached_full_blocks_of_its_prefix():
 @pytest.mark.l08_t2
 def test_released_blocks_stay_cached_until_evicted_least_recently_used_first():
     manager = KVCacheManager(4, 2, Trace(4, 2), enable_prefix_caching=True)
+    assert manager.get_computed_blocks([1, 2, 3, 4, 9]) == [], "nothing is cached yet"
     assert manager.allocate_slots("a", [1, 2, 3, 4, 5])  # three blocks, two full
     manager.free("a")
     assert manager.num_free_blocks == 4, "a cached block nobody holds is free to reuse"
@@ -62,7 +82,72 @@ def test_released_blocks_stay_cached_until_evicted_least_recently_used_first():
     assert [e.kind for e in manager.trace.events].count("evict") == 2
 
 
+@pytest.mark.l08_t2
+def test_a_hit_on_a_free_cached_block_takes_it_out_of_the_free_queue():
+    pool = BlockPool(4)
+    pool.cache(2, b"some prefix")  # block 2 was released still caching a prefix
+    pool.touch([2])
+    assert pool.blocks[2].ref_cnt == 1 and list(pool.free_queue) == [0, 1, 3]
+    pool.touch([2])  # a second table shares it
+    assert pool.blocks[2].ref_cnt == 2 and pool.num_free_blocks == 3
+    assert pool.lookup(b"some prefix") == 2, "a hit keeps the block cached"
+
+
+def _hold(manager, tables, num_tokens):
+    """Hand-made state: each request of ``tables`` holds its table and ``num_tokens`` tokens; a
+    block's reference count is the number of tables holding it (what forking leaves)."""
+    for request_id, table in tables.items():
+        manager.tables[request_id] = list(table)
+        manager.num_tokens[request_id] = num_tokens
+    for block, holders in collections.Counter(b for t in tables.values() for b in t).items():
+        manager.pool.free_queue.remove(block)
+        manager.pool.blocks[block].ref_cnt = holders
+
+
+def _assert_counts_match_the_tables(manager):
+    held = collections.Counter(b for table in manager.tables.values() for b in table)
+    assert [b.ref_cnt for b in manager.pool.blocks] == [held[b.block_id] for b in manager.pool.blocks]
+    assert all((b.ref_cnt == 0) == (b.block_id in manager.pool.free_queue) for b in manager.pool.blocks)
+
+
 @pytest.mark.l08_t3
+def test_a_write_into_a_shared_partly_filled_block_copies_it_first():
+    manager = KVCacheManager(8, 4)
+    full, partial = 3, 5
+    _hold(manager, {"c0": [full, partial], "c1": [full, partial]}, num_tokens=6)
+    assert manager.allocate_slots("c0", [1] * 6 + [2])
+    own = manager.block_table("c0")[1]
+    assert own not in (full, partial) and manager.block_table("c0")[0] == full
+    assert manager.take_pending_copies() == [(partial, own)] and manager.take_pending_copies() == []
+    assert manager.num_free_blocks == 8 - 3
+    _assert_counts_match_the_tables(manager)
+    assert manager.allocate_slots("c1", [1] * 6 + [3])
+    assert manager.block_table("c1") == [full, partial], "the last holder writes in place"
+    assert manager.take_pending_copies() == []
+
+
+@pytest.mark.l08_t3
+@given(block_size=st.integers(2, 4), num_full=st.integers(0, 2), data=st.data())
+def test_writers_of_a_shared_block_copy_it_until_one_holder_is_left(block_size, num_full, data):
+    """Sharers of a table write into its last, partly filled block in any order, some spilling
+    into a new block: each copies the shared block first, except the one left holding it."""
+    num_tokens = num_full * block_size + data.draw(st.integers(1, block_size - 1))
+    sharers = [f"s{i}" for i in range(data.draw(st.integers(2, 4)))]
+    table = list(range(num_full + 1))
+    manager = KVCacheManager(num_full + 2 + 2 * len(sharers), block_size)
+    _hold(manager, {s: table for s in sharers}, num_tokens)
+    for writer in data.draw(st.permutations(sharers)):
+        holders = sum(manager.block_table(s)[num_full] == table[-1] for s in sharers)
+        assert manager.allocate_slots(writer, [7] * (num_tokens + data.draw(st.integers(1, block_size))))
+        copies, written = manager.take_pending_copies(), manager.block_table(writer)[num_full]
+        assert manager.block_table(writer)[:num_full] == table[:-1], "full blocks stay shared"
+        if holders > 1:
+            assert copies == [(table[-1], written)] and written != table[-1]
+        else:
+            assert copies == [] and written == table[-1], "the last holder writes in place"
+        _assert_counts_match_the_tables(manager)
+
+
 def test_fork_shares_every_block_and_a_write_copies_the_shared_one():
     manager = KVCacheManager(8, 4, Trace(8, 4))
     assert manager.allocate_slots("p", [1] * 6)  # one full block, one half-full
@@ -81,7 +166,6 @@ def test_fork_shares_every_block_and_a_write_copies_the_shared_one():
     assert manager.take_pending_copies() == []
 
 
-@pytest.mark.l08_t3
 def test_a_fork_at_a_block_boundary_copies_nothing():
     manager = KVCacheManager(8, 4)
     assert manager.allocate_slots("p", [1] * 8)
@@ -215,4 +299,4 @@ class SharingMachine(RuleBasedStateMachine):
         assert last.cached == [b.block_hash is not None for b in self.manager.pool.blocks]
 
 
-TestSharingMachine = pytest.mark.l08_t3(SharingMachine.TestCase)
+TestSharingMachine = SharingMachine.TestCase

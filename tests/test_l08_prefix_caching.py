@@ -1,5 +1,8 @@
 """Lesson 08 through the engine on the tiny zoo: prefix caching changes no output and reports
-its hits; parallel sampling (n > 1) computes the prompt once and shares its blocks."""
+its hits; parallel sampling (n > 1) computes the prompt once and shares its blocks.
+
+The engine runs every task of the lesson (and lesson 06's first), so these count for the
+lesson; test_l08_block_sharing.py tests each task alone."""
 
 from __future__ import annotations
 
@@ -38,7 +41,6 @@ def _arrivals(drawn):
     ]
 
 
-@pytest.mark.l08_t2
 @given(drawn=shared_prefix_requests, block_size=st.sampled_from([1, 2, 4]), budget=st.sampled_from([None, 9]))
 def test_prefix_caching_on_equals_off(drawn, block_size, budget, ours):
     loaded = ours(NAME)
@@ -48,7 +50,6 @@ def test_prefix_caching_on_equals_off(drawn, block_size, budget, ours):
     assert on == off
 
 
-@pytest.mark.l08_t2
 def test_reported_hits_are_the_shared_full_blocks(ours):
     engine = make_engine(ours(NAME), block_size=4, prefix_caching=True)
     prefix = list(range(1, 14))  # 13 tokens: three full blocks of 4
@@ -61,7 +62,6 @@ def test_reported_hits_are_the_shared_full_blocks(ours):
     assert stats.queried_blocks == 3 + 4  # (14 - 1) // 4 for the first, (17 - 1) // 4 for the second
 
 
-@pytest.mark.l08_t2
 def test_equal_prefixes_admitted_in_the_same_step(ours):
     """nano-vllm's known bug class: the second request hits blocks the first is only now
     computing. The per-layer K/V write precedes every attention read of the step, so the
@@ -80,7 +80,6 @@ def test_equal_prefixes_admitted_in_the_same_step(ours):
         assert finished[request_id] == alone(loaded, prompt + tail, greedy)
 
 
-@pytest.mark.l08_t3
 def test_parallel_samples_share_the_prompt_blocks_and_copy_on_write(ours):
     loaded = ours(NAME)
     engine = make_engine(loaded, block_size=4)
@@ -103,7 +102,6 @@ def test_parallel_samples_share_the_prompt_blocks_and_copy_on_write(ours):
     assert engine.kv_cache_manager.num_free_blocks == total
 
 
-@pytest.mark.l08_t3
 def test_greedy_parallel_samples_are_equal_and_finish_together(llm_for):
     llm = llm_for(NAME)
     out = llm.generate({"prompt_token_ids": [3, 4, 5]}, SamplingParams(n=2, temperature=0, max_tokens=4), use_tqdm=False)[0]

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import GenerationConfig
 
 from nanoengine.sampling.beam_search import BeamSearchParams, BeamSearchSequence, beam_search_score, expand_beams
@@ -19,7 +21,6 @@ pytestmark = pytest.mark.l09
 PROMPT = [5, 17, 42, 9, 100, 3, 77]
 
 
-@pytest.mark.l09_t2
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias"])
 def test_logprobs_equal_transformers_log_softmax(name, llm_for, hf):
     params = SamplingParams(temperature=0, max_tokens=5, min_tokens=5, logprobs=3, prompt_logprobs=2)
@@ -63,7 +64,6 @@ def _hf_beam(hf_model, prompt, beam_width, num_tokens):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.l09_t3
 @pytest.mark.parametrize("name", ["llama-gqa", "mistral", "qwen3-qknorm"])
 def test_beam_search_best_sequence_equals_transformers(name, llm_for, hf):
     llm = llm_for(name)
@@ -90,6 +90,40 @@ def test_beam_step_keeps_the_best_and_sets_finished_aside():
     assert finished == [] and [b.tokens for b in live] == [[1, 2, 0], [1, 3, 8]]
 
 
+@pytest.mark.l09_t3
+@given(data=st.data(), beam_width=st.integers(1, 4), length_penalty=st.sampled_from([0.0, 1.0, 2.0]),
+       ignore_eos=st.booleans())
+def test_expanding_beams_keeps_the_best_scored_candidates(data, beam_width, length_penalty, ignore_eos):
+    """Every beam extended by each of its proposals is a candidate: those ending in EOS (token
+    0) are set aside as finished, unless EOS is ignored; the ``beam_width`` best-scored of the
+    others live on, best first."""
+    beams = [BeamSearchSequence([1] * data.draw(st.integers(1, 3)) + [10 + i],  # parents of different lengths
+                                cum_logprob=data.draw(st.floats(-8, 0)))
+             for i in range(data.draw(st.integers(1, 3)))]
+    logprob = st.sampled_from([-0.25, -0.5, -1.0, -2.0]).map(Logprob)
+    proposals = [data.draw(st.dictionaries(st.integers(0, 5), logprob, min_size=1, max_size=4)) for _ in beams]
+    live, finished = expand_beams(beams, proposals, beam_width, {0}, length_penalty, ignore_eos)
+    candidates = {
+        tuple(beam.tokens + [token]): (beam.cum_logprob + logprob.logprob, beam.logprobs + [beam_proposals])
+        for beam, beam_proposals in zip(beams, proposals) for token, logprob in beam_proposals.items()
+    }
+    for beam in live + finished:
+        assert (beam.cum_logprob, beam.logprobs) == candidates[tuple(beam.tokens)]
+    ends = {tokens for tokens in candidates if tokens[-1] == 0 and not ignore_eos}
+    assert sorted(tuple(b.tokens) for b in finished) == sorted(ends)
+    assert all(b.finish_reason == "stop" for b in finished) and all(b.finish_reason is None for b in live)
+
+    def score(tokens):
+        beam = BeamSearchSequence(list(tokens), cum_logprob=candidates[tokens][0])
+        return beam_search_score(beam, {0}, length_penalty)
+
+    kept = [tuple(b.tokens) for b in live]
+    dropped = set(candidates) - ends - set(kept)
+    assert len(kept) == len(set(kept)) == min(beam_width, len(candidates) - len(ends))
+    assert [score(t) for t in kept] == sorted((score(t) for t in kept), reverse=True), "best first"
+    assert all(score(kept[-1]) >= score(t) for t in dropped), "a better candidate was dropped"
+
+
 def test_length_penalty_divides_by_length_without_the_final_eos():
     beam = BeamSearchSequence([1, 2, 3, 0], cum_logprob=-6.0)
     assert beam_search_score(beam, {0}, 1.0) == pytest.approx(-2.0)
@@ -113,7 +147,6 @@ def test_beam_search_stops_at_eos_and_returns_text(llm_for):
         assert len(beam.logprobs) == len(beam.tokens) - len(llm.get_tokenizer()("hello there")["input_ids"])
 
 
-@pytest.mark.l09_t2
 def test_prompt_logprobs_are_whole_when_the_prompt_is_chunked(llm_for, ours):
     prompt = list(range(30, 60))
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)

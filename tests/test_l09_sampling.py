@@ -18,7 +18,7 @@ from transformers.generation.logits_process import (
 )
 
 from nanoengine import SamplingParams
-from nanoengine.sampling import SamplingRow, sample
+from nanoengine.sampling import SamplingRow, gather_logprobs, sample
 from nanoengine.sampling.processors import apply_logit_bias, apply_penalties, token_counts
 from nanoengine.sampling.sampler import sampling_probs
 from tests.oracles import NEAR_TIE
@@ -259,6 +259,43 @@ def test_banned_tokens_are_never_drawn(logits, data):
 
 
 @pytest.mark.l09_t2
+@given(num_rows=st.integers(1, 4), vocab=st.integers(1, 12), data=st.data())
+def test_gathered_logprobs_are_the_chosen_token_then_the_top_k_with_their_ranks(num_rows, vocab, data):
+    """Logits drawn from a few levels, so ties are common: a rank counts the strictly larger
+    logprobs, the top-k come in descending order, and each row keeps its own k."""
+    levels = st.sampled_from([-3.0, -1.0, 0.0, 0.5, 2.0])
+    logits = torch.tensor(data.draw(st.lists(st.lists(levels, min_size=vocab, max_size=vocab),
+                                             min_size=num_rows, max_size=num_rows)))
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = data.draw(st.lists(st.integers(0, vocab - 1), min_size=num_rows, max_size=num_rows))
+    num_top = data.draw(st.lists(st.integers(0, vocab), min_size=num_rows, max_size=num_rows))
+    gathered = gather_logprobs(logprobs, chosen, num_top)
+    assert len(gathered) == num_rows
+    for row, token, k, got in zip(logprobs.tolist(), chosen, num_top, gathered):
+        assert len(got.token_ids) == len(got.logprobs) == len(got.ranks) == k + 1
+        assert got.token_ids[0] == token and len(set(got.token_ids[1:])) == k
+        assert got.logprobs == [row[t] for t in got.token_ids]
+        assert got.logprobs[1:] == sorted(row, reverse=True)[:k]
+        assert got.ranks == [1 + sum(x > row[t] for x in row) for t in got.token_ids]
+
+
+@pytest.mark.l09_t2
+@given(logits=logits_batches(), data=st.data())
+def test_greedy_rows_report_the_raw_logprobs_of_what_bias_and_bans_made_them_choose(logits, data):
+    num_rows, vocab = logits.shape
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0, logit_bias={i % vocab: 100.0},
+                                   logprobs=data.draw(st.integers(0, 3))), banned_token_ids=[(i + 1) % vocab])
+        for i in range(num_rows)
+    ]
+    out = sample(logits, rows, torch.Generator().manual_seed(0))
+    raw = logits.log_softmax(dim=-1)
+    for i, (row, token, got) in enumerate(zip(rows, out.token_ids, out.logprobs)):
+        assert token == i % vocab, "the bias decides the greedy choice (logits are within ±20)"
+        assert got.token_ids[0] == token and got.logprobs[0] == pytest.approx(float(raw[i, token]), abs=1e-6)
+        assert got.logprobs[1:] == pytest.approx(raw[i].topk(min(row.params.logprobs, vocab)).values.tolist(), abs=1e-6)
+
+
 @given(logits=logits_batches(), data=st.data())
 def test_logprobs_are_the_raw_distribution_at_the_chosen_and_top_tokens(logits, data):
     """Penalties, bias and temperature change the draw, never the reported logprobs (vLLM's raw logprobs)."""

@@ -1,21 +1,221 @@
 """Lesson 13: the engine in its own process, behind asyncio: many requests at once, early
-exits abort, refused requests raise, and a dead engine process is reported, never hung on."""
+exits abort, refused requests raise, and a dead engine process is reported, never hung on.
+
+Task L13.T1 (the stream loop of ``AsyncEngine.generate``) is tested against a scripted engine
+process, so that only the loop runs; the real engine process then runs the lesson whole."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import multiprocessing
+import threading
+import time
 
 import pytest
+from transformers import AutoTokenizer
 
-from nanoengine.engine.async_engine import AsyncEngine
+from nanoengine.engine.async_engine import AsyncEngine, EngineInfo, EngineMetrics
 from nanoengine.engine.inputs import Prompt
+from nanoengine.outputs import CompletionOutput, RequestOutput
 from nanoengine.sampling_params import SamplingParams
 from tests.engines import alone, run_async
 
 pytestmark = pytest.mark.l13
 
 NAME = "llama-gqa"
+TIMEOUT = 10  # seconds: a stream that never ends fails the test instead of hanging it
 
+
+# --- L13.T1: the stream loop, against a scripted engine process ---------------------------
+
+DIE = object()
+
+
+class ScriptedEngineCore(threading.Thread):
+    """The engine process's end of the pipe (``run_engine_core``'s messages), played by a
+    thread from a script: each step, every live request gets its next scripted output (new
+    tokens only, as ``only_new`` sends them). A request whose script is a string is refused
+    with that message; a script that reaches ``DIE`` closes the pipe, as a crashed engine
+    process would. ``aborted`` records the aborts that came in."""
+
+    def __init__(self, conn, scripts) -> None:
+        super().__init__(daemon=True)
+        self.conn, self.scripts = conn, scripts
+        self.live: dict = {}
+        self.aborted: list[str] = []
+
+    def run(self) -> None:
+        try:
+            while self._receive():
+                outputs = []
+                for request_id, steps in list(self.live.items()):
+                    output = next(steps)
+                    if output is DIE:
+                        return
+                    outputs.append(output)
+                    if output.finished:
+                        del self.live[request_id]
+                self.conn.send(("outputs", outputs, EngineMetrics()))
+                time.sleep(0.002)
+        finally:
+            self.conn.close()
+
+    def _receive(self) -> bool:
+        """Take the waiting messages (wait for one when idle); False on shutdown."""
+        while not self.live or self.conn.poll():
+            kind, *rest = self.conn.recv()
+            if kind == "shutdown":
+                return False
+            request_id = rest[0]
+            if kind == "abort":
+                self.aborted.append(request_id)
+                self.live.pop(request_id, None)
+            elif isinstance(self.scripts[request_id], str):
+                self.conn.send(("error", request_id, self.scripts[request_id]))
+            else:
+                self.live[request_id] = iter(self.scripts[request_id])
+        return True
+
+
+def _step(request_id, token_ids, finished=False):
+    """One step's output of a one-sequence request: its new tokens."""
+    completion = CompletionOutput(0, "", list(token_ids), finish_reason="length" if finished else None)
+    return RequestOutput(request_id, None, [1, 2], None, [completion], finished)
+
+
+def _endless(request_id, token_ids):
+    """A request the engine would run for ever: ``token_ids``, then token 5 at every step."""
+    yield from (_step(request_id, [t]) for t in token_ids)
+    while True:
+        yield _step(request_id, [5])
+
+
+@pytest.fixture
+def scripted(zoo_paths):
+    """``scripted(scripts)``: an AsyncEngine over a ScriptedEngineCore; returns both. The thread
+    stands in for the engine process too (AsyncEngine only joins it and asks if it is alive)."""
+    tokenizer = AutoTokenizer.from_pretrained(zoo_paths[NAME])
+    started = []
+
+    def start(scripts):
+        ours, theirs = multiprocessing.Pipe()
+        core = ScriptedEngineCore(theirs, scripts)
+        core.start()
+        started.append(AsyncEngine(core, ours, EngineInfo("scripted", tokenizer, 256, 320, 64, 4)))
+        return started[-1], core
+
+    yield start
+    for engine in started:
+        engine.shutdown()
+
+
+def _stream(engine, request_id, params, quit_after=None):
+    """Run one request's stream to its end (or ``quit_after`` snapshots); a copy of each
+    snapshot it yielded."""
+    async def run():
+        seen = []
+        async for out in engine.generate(Prompt(None, [1, 2]), params, request_id):
+            seen.append(copy.deepcopy(out))
+            if len(seen) == quit_after:
+                break
+        return seen
+
+    return run_async(asyncio.wait_for(run(), TIMEOUT))
+
+
+async def _last(engine, request_id, params, prompt=(1, 2)):
+    """The last snapshot a request's stream yields."""
+    last = None
+    async for out in engine.generate(Prompt(None, list(prompt)), params, request_id):
+        last = out
+    return last
+
+
+def _eventually(condition):
+    deadline = time.monotonic() + TIMEOUT
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.mark.l13_t1
+def test_a_stream_yields_the_request_so_far_until_the_engine_finishes_it(scripted, zoo_paths):
+    tokenizer = AutoTokenizer.from_pretrained(zoo_paths[NAME])
+    tokens = tokenizer("The quick brown fox")["input_ids"]
+    steps = [_step("r", tokens[:1]), _step("r", tokens[1:5]), _step("r", tokens[5:], finished=True)]
+    engine, _ = scripted({"r": steps})
+    seen = _stream(engine, "r", SamplingParams(max_tokens=len(tokens)))
+    assert [s.outputs[0].token_ids for s in seen] == [tokens[:1], tokens[:5], tokens]
+    assert [s.outputs[0].text for s in seen] == ["The", "The quick", "The quick brown fox"]
+    assert [s.finished for s in seen] == [False, False, True] and seen[-1].outputs[0].finish_reason == "length"
+    assert engine.num_unfinished == 0
+
+
+@pytest.mark.l13_t1
+def test_a_consumer_that_stops_early_aborts_its_request(scripted):
+    engine, core = scripted({"quitter": _endless("quitter", [])})
+    assert len(_stream(engine, "quitter", SamplingParams(max_tokens=200), quit_after=3)) == 3
+    assert _eventually(lambda: core.aborted == ["quitter"]), "the engine was not told to abort"
+    assert engine.num_unfinished == 0
+
+
+@pytest.mark.l13_t1
+def test_abort_ends_the_stream_without_a_finished_output(scripted):
+    engine, core = scripted({"ab": _endless("ab", [])})
+
+    async def run():
+        seen = []
+        async for out in engine.generate(Prompt(None, [1, 2]), SamplingParams(max_tokens=500), "ab"):
+            seen.append(out.finished)
+            if len(seen) == 2:
+                await engine.abort("ab")
+        return seen
+
+    seen = run_async(asyncio.wait_for(run(), TIMEOUT))
+    assert len(seen) >= 2 and not any(seen)
+    assert _eventually(lambda: "ab" in core.aborted) and engine.num_unfinished == 0
+
+
+@pytest.mark.l13_t1
+def test_a_refused_request_raises_and_the_others_go_on(scripted):
+    good = [_step("good", [40]), _step("good", [41], finished=True)]
+    engine, core = scripted({"bad": "logit_bias has token ids outside the vocabulary", "good": good})
+    params = SamplingParams(max_tokens=4)
+
+    async def run():
+        first = asyncio.create_task(_last(engine, "good", params))
+        with pytest.raises(ValueError, match="logit_bias"):
+            await _last(engine, "bad", params)
+        return await first
+
+    assert run_async(asyncio.wait_for(run(), TIMEOUT)).outputs[0].token_ids == [40, 41]
+    assert engine.num_unfinished == 0 and core.aborted == [], "nothing was left for the engine to abort"
+
+
+@pytest.mark.l13_t1
+def test_a_stop_string_ends_the_stream_and_aborts_the_engines_request(scripted, zoo_paths):
+    """The engine sends tokens only; the text and its stop strings are made in front of it,
+    so a stop string ends a sequence the engine would run on: its blocks must be freed."""
+    tokens = AutoTokenizer.from_pretrained(zoo_paths[NAME])("The quick brown fox")["input_ids"]
+    engine, core = scripted({"s": _endless("s", tokens)})
+    seen = _stream(engine, "s", SamplingParams(max_tokens=100, stop=["brown"]))
+    final = seen[-1].outputs[0]
+    assert seen[-1].finished and not any(s.finished for s in seen[:-1])
+    assert (final.text, final.finish_reason, final.stop_reason) == ("The quick ", "stop", "brown")
+    assert _eventually(lambda: core.aborted == ["s"]), "the engine was not told to abort"
+    assert engine.num_unfinished == 0
+
+
+@pytest.mark.l13_t1
+def test_a_dead_engine_process_ends_the_stream_with_an_error(scripted):
+    engine, _ = scripted({"r": [_step("r", [40]), DIE]})
+    with pytest.raises(RuntimeError, match="engine process stopped"):
+        _stream(engine, "r", SamplingParams(max_tokens=4))
+    assert engine.num_unfinished == 0
+
+
+# --- the real engine process ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def engine(zoo_paths):
@@ -25,30 +225,21 @@ def engine(zoo_paths):
     started.shutdown()
 
 
-async def _last(engine, prompt, params, request_id):
-    last = None
-    async for out in engine.generate(Prompt(None, prompt), params, request_id):
-        last = out
-    return last
-
-
-@pytest.mark.l13_t1
 def test_concurrent_requests_equal_their_runs_alone(engine, ours):
     greedy = SamplingParams(temperature=0, max_tokens=6, min_tokens=6)
     prompts = [[1, 2, 3 + i] for i in range(8)]
 
     async def run():
-        return await asyncio.gather(*(_last(engine, p, greedy, f"c{i}") for i, p in enumerate(prompts)))
+        return await asyncio.gather(*(_last(engine, f"c{i}", greedy, p) for i, p in enumerate(prompts)))
 
-    outputs = run_async(run())
+    outputs = run_async(asyncio.wait_for(run(), 60))
     assert all(out.finished for out in outputs)
     for prompt, out in zip(prompts, outputs):
         assert out.outputs[0].token_ids == alone(ours(NAME), prompt, greedy)
     assert engine.info.model_name == NAME and engine.info.vocab_size == 320
 
 
-@pytest.mark.l13_t1
-def test_a_consumer_that_stops_early_aborts_and_frees_its_blocks(engine):
+def test_an_early_exit_frees_the_requests_blocks_in_the_engine(engine):
     async def run():
         stream = engine.generate(Prompt(None, [4, 5, 6]), SamplingParams(max_tokens=200, ignore_eos=True), "quitter")
         seen = 0
@@ -64,40 +255,14 @@ def test_a_consumer_that_stops_early_aborts_and_frees_its_blocks(engine):
                 return metrics
         return engine.metrics()
 
-    metrics = run_async(run())
+    metrics = run_async(asyncio.wait_for(run(), 60))
     assert (metrics.num_running, metrics.num_waiting, metrics.num_used_blocks) == (0, 0, 0)
     assert engine.num_unfinished == 0
 
 
-@pytest.mark.l13_t1
-def test_abort_ends_the_stream(engine):
-    async def run():
-        outputs = []
-
-        async def consume():
-            async for out in engine.generate(Prompt(None, [7, 8]), SamplingParams(max_tokens=500, ignore_eos=True), "ab"):
-                outputs.append(out)
-
-        task = asyncio.create_task(consume())
-        while not outputs:
-            await asyncio.sleep(0.01)
-        await engine.abort("ab")
-        await asyncio.wait_for(task, timeout=5)
-        return outputs
-
-    outputs = run_async(run())
-    assert outputs and not outputs[-1].finished
-
-
-@pytest.mark.l13_t1
-def test_a_refused_request_raises_and_others_go_on(engine):
-    async def run():
-        good = asyncio.create_task(_last(engine, [1, 2], SamplingParams(temperature=0, max_tokens=4), "good"))
-        with pytest.raises(ValueError, match="logit_bias"):
-            await _last(engine, [1, 2], SamplingParams(logit_bias={5000: 1.0}), "bad")
-        return await good
-
-    assert run_async(run()).finished
+def test_the_engines_refusal_reaches_the_caller(engine):
+    with pytest.raises(ValueError, match="logit_bias"):
+        run_async(asyncio.wait_for(_last(engine, "bad", SamplingParams(logit_bias={5000: 1.0})), 60))
 
 
 def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
@@ -110,7 +275,8 @@ def test_the_terminal_chat_streams_a_reply_and_exits(zoo_paths):
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "nanoengine", "chat", str(zoo_paths[NAME]), "--dtype", "float32", "--max-tokens", "5"],
+        [sys.executable, "-m", "nanoengine", "chat", str(zoo_paths[NAME]), "--dtype", "float32", "--max-tokens", "5",
+         "--no-fast-path"],
         input="hello\n/reset\n/exit\n", capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -130,10 +296,7 @@ def test_request_lives_figure_reads_what_the_client_saw():
         request_lives([RequestLife("d", 0.0, ())])
 
 
-@pytest.mark.l13_t1
 def test_outputs_cross_the_pipe_as_deltas_and_merge_back(llm_for):
-    import copy
-
     from nanoengine.engine.async_engine import merge_output, only_new
 
     llm = llm_for(NAME)
@@ -169,7 +332,6 @@ def _same_logprobs(ours, theirs):
             assert [x.logprob for x in a.values()] == pytest.approx([x.logprob for x in b.values()], abs=1e-4)
 
 
-@pytest.mark.l13_t1
 @pytest.mark.parametrize("include_stop", [False, True])
 def test_text_made_in_front_of_the_engine_equals_offline_text(engine, llm_for, include_stop):
     """The engine process sends tokens only; the async engine makes the text and ends sequences
@@ -187,7 +349,7 @@ def test_text_made_in_front_of_the_engine_equals_offline_text(engine, llm_for, i
     ]
     for i, params in enumerate(cases):
         offline = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
-        ours = run_async(_last(engine, prompt, params, f"text-{include_stop}-{i}"))
+        ours = run_async(asyncio.wait_for(_last(engine, f"text-{include_stop}-{i}", params, prompt), 60))
         assert ours.finished
         _same_logprobs(ours.prompt_logprobs, offline.prompt_logprobs)
         for a, b in zip(ours.outputs, offline.outputs, strict=True):
@@ -198,7 +360,6 @@ def test_text_made_in_front_of_the_engine_equals_offline_text(engine, llm_for, i
     assert engine.num_unfinished == 0
 
 
-@pytest.mark.l13_t1
 def test_a_stop_string_inside_a_multi_token_delta_cuts_the_tokens_after_it(llm_for):
     """One step may bring several tokens (speculative decoding, lesson 10): the tokens after a
     stop string are dropped, with their logprobs."""

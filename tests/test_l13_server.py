@@ -657,8 +657,9 @@ def test_bench_serve_measures_the_server(server, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """``nanoengine serve`` with no model named: the bundled SmolLM2 (bfloat16 on this CPU)."""
-    arguments = ["--max-model-len", "512", "--kv-cache-memory", "32MiB"]
+    """``nanoengine serve`` with no model named: the bundled SmolLM2 (bfloat16 on this CPU), on
+    the reference path (lesson 15's fast path is not part of lesson 13)."""
+    arguments = ["--max-model-len", "512", "--kv-cache-memory", "32MiB", "--no-fast-path"]
     with _serving(arguments, tmp_path_factory.mktemp("smollm2") / "server.log") as base:
         with openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
             yield base, client

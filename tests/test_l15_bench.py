@@ -1,6 +1,7 @@
 """The benchmark commands, shaped like vLLM's: their workloads (shared-prefix random prompts,
 JSONL datasets, spread lengths, Poisson arrivals), their summary math, and ``bench
-throughput`` / ``bench latency`` end to end on a tiny model."""
+throughput`` / ``bench latency`` end to end on a tiny model; and ``nanoengine generate``,
+which runs the engine as users get it (the fast path on)."""
 
 from __future__ import annotations
 
@@ -133,6 +134,14 @@ def test_bench_serve_reports_an_unreachable_server_in_one_line(capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"error: request to http://127.0.0.1:{port} failed (ConnectError" in err
     assert "Traceback" not in err
+
+
+def test_generate_command_prints_completions(tiny_model, capsys):
+    code = cli.main(["generate", str(tiny_model), "--prompt", "ab cd", "--prompt", "東京",
+                     "--max-tokens", "5", "--temperature", "0", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "--- 'ab cd'" in out and "--- '東京'" in out
 
 
 def test_hf_backend_generates_what_nanoengine_generates(tiny_model):

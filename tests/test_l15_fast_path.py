@@ -1,96 +1,73 @@
 """Lesson 15: every piece of the fast path equals the reference path it replaces.
 
-- the numba CPU attention kernel equals dense attention on mixed batches (as lesson 04's
-  backends are tested), for float32 and bfloat16 caches;
-- oneDNN-prepacked bf16 weights give the same logits as ``F.linear`` on the dense weights;
+- the numba CPU decode kernel, and the backend around it on mixed batches, equal dense
+  attention (on pools written by hand, as lessons 04–05 test theirs), for float32 and
+  bfloat16 caches;
+- oneDNN-prepacked bf16 weights give what ``F.linear`` gives on the dense weights, bit for bit;
 - the fused RMSNorm is bit-identical to Hugging Face's formula;
 - a whole engine on the fast path generates what the reference engine generates.
 """
 
 from __future__ import annotations
 
-import math
 import platform
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
+from hypothesis import strategies as st
 
 from nanoengine import LLM, SamplingParams
-from nanoengine.attention.metadata import build_attention_metadata
+from nanoengine.attention.numba_cpu import decode_attention
 from nanoengine.attention.registry import default_backend, get_attention_backend
-from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache, write_kv
 from nanoengine.bench.roofline import MachineRates, decode_floors, matmul_params, probe_machine
 from nanoengine.config import ModelConfig
 from nanoengine.model import load_model
 from nanoengine.model.layers.norm import RMSNorm
-from nanoengine.model.layers.onednn import OneDNNPackedLinearMethod, onednn_packing_available
+from nanoengine.model.layers.onednn import OneDNNPackedLinearMethod, onednn_packing_available, pack_linear_weights
 from nanoengine.platform import keep_freed_memory_for_reuse
-from nanoengine.worker.model_runner import ModelRunner
-from tests.test_l04_paged_attention import dense_reference, mixed_batches
+from tests.paged import dense_reference, paged_batches
 
 pytestmark = pytest.mark.l15
 
 numba_cpu = get_attention_backend("numba_cpu")
-
-
-def _paged_case(batch, dtype):
-    """Lesson 04's mixed batch (prefills, chunks, decodes) on a NaN-filled pool of ``dtype``."""
-    block_size, kv_heads, group, head_dim, seqs, seed = batch
-    g = torch.Generator().manual_seed(seed)
-    num_blocks = sum(math.ceil((c + n) / block_size) for c, n in seqs) + 2
-    order = torch.randperm(num_blocks, generator=g).tolist()
-    tables, used = [], 0
-    for cached, new in seqs:
-        count = math.ceil((cached + new) / block_size)
-        tables.append(order[used : used + count])
-        used += count
-    cache = PagedKVCache(1, num_blocks, block_size, kv_heads, head_dim, dtype)
-    cache.k.fill_(float("nan"))  # reading a slot the sequence does not own poisons the result
-    cache.v.fill_(float("nan"))
-    past = [tuple(torch.randn(c, kv_heads, head_dim, generator=g).to(dtype) for _ in "kv") for c, _ in seqs]
-    for table, (cached, _), (k, v) in zip(tables, seqs, past):
-        if cached:
-            write_kv(cache.k[0], cache.v[0], k, v, build_attention_metadata([table], [0], [cached], block_size).slot_mapping)
-    total = sum(n for _, n in seqs)
-    q, k, v = (torch.randn(total, h, head_dim, generator=g).to(dtype) for h in (kv_heads * group, kv_heads, kv_heads))
-    meta = build_attention_metadata(tables, [c for c, _ in seqs], [n for _, n in seqs], block_size)
-    return cache, meta, past, q, k, v, head_dim**-0.5
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
 
 
 @pytest.mark.l15_t1
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@given(batch=mixed_batches())
-def test_numba_cpu_attention_equals_dense(dtype, tol, batch):
-    cache, meta, past, q, k, v, scale = _paged_case(batch, dtype)
-    out = PagedAttention(cache, meta, numba_cpu).attend(0, q, k, v, scale)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@given(data=st.data())
+def test_numba_cpu_decode_kernel_equals_dense(dtype, tol, data):
+    """The kernel alone: one decode query per sequence, over a pool written by hand."""
+    batch = data.draw(paged_batches(decode_only=True, dtype=dtype))
+    out = decode_attention(*batch.decode_args(), batch.scale)
     assert out.dtype == dtype
-    start = 0
-    for i, (pk, pv) in enumerate(past):
-        new = meta.query_start_loc[i + 1] - meta.query_start_loc[i]
-        rows = slice(start, start + new)
-        expected = dense_reference(q[rows], torch.cat([pk, k[rows]]), torch.cat([pv, v[rows]]), scale, pk.shape[0])
-        torch.testing.assert_close(out[rows].double(), expected, rtol=tol, atol=tol)
-        start += new
+    torch.testing.assert_close(out.double(), batch.expected(), rtol=tol, atol=tol)
 
 
 @pytest.mark.l15_t1
 def test_numba_cpu_decode_reads_only_the_sequence():
     """A long block table padded with blocks of NaN: a pure decode step must not touch them."""
-    cache = PagedKVCache(1, 6, 4, 1, 8, torch.float32)
-    cache.k.fill_(float("nan"))
-    cache.v.fill_(float("nan"))
+    k_cache, v_cache = (torch.full((6, 4, 1, 8), float("nan")) for _ in "kv")
     k, v = torch.randn(5, 1, 8), torch.randn(5, 1, 8)
-    meta = build_attention_metadata([[2, 4]], [0], [5], 4)
-    write_kv(cache.k[0], cache.v[0], k, v, meta.slot_mapping)
+    for pos, (block, offset) in enumerate([(2, 0), (2, 1), (2, 2), (2, 3), (4, 0)]):
+        k_cache[block, offset], v_cache[block, offset] = k[pos], v[pos]
     q = torch.randn(1, 2, 8)
-    decode = build_attention_metadata([[2, 4, 5, 0, 1]], [5], [1], 4)  # 2 blocks used, 3 padding
-    decode.seq_lens[0] = 5  # the query attends over the 5 cached tokens only
-    out = numba_cpu(q, cache.k[0], cache.v[0], decode, 0.5)
-    expected = dense_reference(q, k, v, 0.5, 4)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    tables = torch.tensor([[2, 4, 5, 0, 1]], dtype=torch.int32)  # 2 blocks used, 3 padding
+    out = decode_attention(q, k_cache, v_cache, tables, torch.tensor([5], dtype=torch.int32), 0.5)
+    torch.testing.assert_close(out.double(), dense_reference(q, k, v, 0.5, 4), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@given(data=st.data())
+def test_numba_cpu_backend_equals_dense_on_mixed_batches(dtype, tol, data):
+    """The backend as the engine calls it: decode rows through the kernel in one call,
+    prefill chunks through the reference's per-sequence code."""
+    batch = data.draw(paged_batches(dtype=dtype))
+    out = numba_cpu(batch.q, *batch.pool(), batch.metadata(), batch.scale)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), batch.expected(), rtol=tol, atol=tol)
 
 
 def test_the_fast_path_picks_the_numba_cpu_kernel_on_cpu_only():
@@ -115,14 +92,14 @@ needs_onednn = pytest.mark.skipif(
 
 @pytest.mark.l15_t2
 @needs_onednn
-def test_prepacked_weights_give_the_same_logits(zoo_paths):
-    path = str(zoo_paths["llama-gqa"])
-    plain = load_model(ModelConfig(model=path, dtype="bfloat16"))
-    packed = load_model(ModelConfig(model=path, dtype="bfloat16", fast_path=True))
-    methods = [m.linear_method for m in packed.model.modules() if hasattr(m, "linear_method")]
-    assert methods and all(isinstance(m, OneDNNPackedLinearMethod) for m in methods)
+def test_prepacked_weights_give_what_the_dense_weights_give(zoo_paths):
+    config = ModelConfig(model=str(zoo_paths["llama-gqa"]), dtype="bfloat16")
+    plain, packed = load_model(config), load_model(config)
     # 4 linear layers per decoder layer, plus the LM head
+    assert pack_linear_weights(packed.model) == 4 * plain.hf_config.num_hidden_layers + 1
+    methods = [m.linear_method for m in packed.model.modules() if hasattr(m, "linear_method")]
     assert len(methods) == 4 * plain.hf_config.num_hidden_layers + 1
+    assert all(isinstance(m, OneDNNPackedLinearMethod) for m in methods)
     for rows in (1, 7):  # decode-sized and prefill-sized batches
         for (name, a), b in zip(plain.model.named_modules(), packed.model.modules()):
             if hasattr(a, "linear_method"):
@@ -131,11 +108,14 @@ def test_prepacked_weights_give_the_same_logits(zoo_paths):
 
 
 @needs_onednn
-def test_packing_is_off_where_it_does_not_pay(zoo_paths):
+def test_loading_packs_the_weights_only_where_it_pays(zoo_paths):
     assert not onednn_packing_available(torch.float32, torch.device("cpu"))
     assert not onednn_packing_available(torch.bfloat16, torch.device("cuda"))
-    f32 = load_model(ModelConfig(model=str(zoo_paths["llama-gqa"]), dtype="float32", fast_path=True))
-    assert not any(isinstance(getattr(m, "linear_method", None), OneDNNPackedLinearMethod) for m in f32.model.modules())
+    path = str(zoo_paths["llama-gqa"])
+    for dtype, packs in (("bfloat16", True), ("float32", False)):
+        loaded = load_model(ModelConfig(model=path, dtype=dtype, fast_path=True))
+        methods = [getattr(m, "linear_method", None) for m in loaded.model.modules()]
+        assert any(isinstance(m, OneDNNPackedLinearMethod) for m in methods) == packs, dtype
 
 
 def _engine(path: str, dtype: str, fast: bool) -> LLM:
@@ -149,8 +129,6 @@ PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 90 + 3 for j in range(5 + 9 * i)]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
-@pytest.mark.l15_t1
-@pytest.mark.l15_t2
 def test_the_fast_engine_generates_what_the_reference_engine_generates(zoo_paths):
     """float32: the fast path changes the order of float additions only, so greedy tokens agree."""
     path = str(zoo_paths["llama-gqa"])
@@ -166,8 +144,6 @@ def test_the_fast_engine_generates_what_the_reference_engine_generates(zoo_paths
 BF16_NEAR_TIE = 0.25
 
 
-@pytest.mark.l15_t1
-@pytest.mark.l15_t2
 def test_the_fast_engine_in_bfloat16_chooses_what_the_float32_reference_ranks_first(zoo_paths):
     path = str(zoo_paths["llama-gqa"])
     fast = _engine(path, "bfloat16", True).generate(PROMPTS, GREEDY, use_tqdm=False)

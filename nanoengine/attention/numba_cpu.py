@@ -124,6 +124,16 @@ def decode_attention(
     return torch.from_numpy(out).to(q.dtype)
 
 
+def warm_up(dtype: torch.dtype) -> None:
+    """Compile the kernel for ``dtype``'s caches (or load it from numba's cache) by running it
+    on one two-token sequence: the first decode step then runs at full speed."""
+    if dtype not in _KERNEL_DTYPES:
+        return
+    cache = torch.zeros(1, 2, 1, 4, dtype=dtype)
+    # The argument types the engine passes (int32 block tables, int64 lengths): one specialization.
+    decode_attention(torch.zeros(1, 1, 4), cache, cache, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([2]), 0.5)
+
+
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
 ) -> torch.Tensor:

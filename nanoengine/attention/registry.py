@@ -8,9 +8,12 @@ a backend is asked for, so importing nanoengine never imports numba.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 
 import torch
+
+logger = logging.getLogger("nanoengine")
 
 # backend name -> (module under nanoengine.attention, function)
 _BACKENDS = {
@@ -41,3 +44,23 @@ def get_attention_backend(name: str) -> AttentionFn:
         raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(backend_names())}")
     module_name, function = _BACKENDS[name]
     return getattr(importlib.import_module(f"nanoengine.attention.{module_name}"), function)
+
+
+def load_backend(name: str, dtype: torch.dtype, fallback: str = "torch_batched") -> AttentionFn:
+    """``name``'s attention function, warmed up for ``dtype`` where its module has a
+    ``warm_up`` (a kernel compiled and run once, so the first step does not pay for it).
+
+    In a student copy where the kernel's task is not written yet, the warm-up raises its
+    NotImplementedError: the engine then runs ``fallback`` (a reference path), with a warning
+    naming the task, so everything before that lesson keeps working.
+    """
+    attention = get_attention_backend(name)
+    warm_up = getattr(importlib.import_module(attention.__module__), "warm_up", None)
+    if warm_up is None:
+        return attention
+    try:
+        warm_up(dtype)
+    except NotImplementedError as todo:
+        logger.warning("attention backend %r is not written yet (%s); running %r instead", name, todo, fallback)
+        return get_attention_backend(fallback)
+    return attention

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import logging
 
-from nanoengine.attention.registry import default_backend, get_attention_backend
+from nanoengine.attention.registry import default_backend, load_backend
 from nanoengine.attention.torch_paged import PagedKVCache
-from nanoengine.cache.contiguous import kv_bytes_per_token
 from nanoengine.cache.kv_cache_manager import KVCacheManager, num_blocks_for_budget
 from nanoengine.config import CacheConfig, SchedulerConfig
 from nanoengine.engine.inputs import Prompt, check_params_for_model, make_request
@@ -47,6 +46,16 @@ def kv_cache_budget(cache: CacheConfig, loaded: LoadedModel, bytes_per_token: in
     return min(int(free * share), useful)
 
 
+def kv_bytes_per_slot(loaded: LoadedModel) -> int:
+    """Bytes one token slot of the paged KV pool takes, measured on a one-slot pool built on
+    PyTorch's ``meta`` device (shapes and dtypes, no memory): the engine sizes its pool by
+    what the worker's tensors really take, which lesson 02's formula predicts."""
+    config = loaded.hf_config
+    probe = PagedKVCache(config.num_hidden_layers, 1, 1, config.num_key_value_heads, head_dim_of(config),
+                         loaded.dtype, "meta")
+    return probe.nbytes
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache.
 
@@ -65,8 +74,7 @@ class LLMEngine:
     ) -> None:
         self.loaded = loaded
         config = loaded.hf_config
-        dtype_bytes = loaded.dtype.itemsize
-        per_token = kv_bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, head_dim_of(config), dtype_bytes)
+        per_token = kv_bytes_per_slot(loaded)
         budget = kv_cache_budget(cache, loaded, per_token, scheduler.max_num_seqs)
         num_blocks = num_blocks_for_budget(budget, per_token, cache.block_size)
         capacity = num_blocks * cache.block_size
@@ -88,7 +96,7 @@ class LLMEngine:
             config.num_hidden_layers, num_blocks, cache.block_size, config.num_key_value_heads,
             head_dim_of(config), loaded.dtype, loaded.device,
         )
-        backend = get_attention_backend(default_backend(loaded.device, loaded.fast_path))
+        backend = load_backend(default_backend(loaded.device, loaded.fast_path), loaded.dtype)
         self.runner = ModelRunner(loaded.model, kv_tensors, backend, seed)
         self.max_num_seqs = scheduler.max_num_seqs
         self.states: dict[str, RequestState] = {}

@@ -89,7 +89,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
     with torch.no_grad():
         model.load_weights(tqdm(weights, total=count, desc="Loading weights", leave=False, disable=count < 50))
     model.eval()
-    packed = pack_linear_weights(model) if config.fast_path and onednn_packing_available(dtype, device) else 0
+    packed = 0
+    if config.fast_path and onednn_packing_available(dtype, device):
+        try:
+            packed = pack_linear_weights(model)
+        except NotImplementedError as todo:  # a student copy before lesson 15: plain F.linear
+            logger.warning("prepacking the weights is not written yet (%s); the layers run unpacked", todo)
     if config.fast_path and device.type == "cpu":
         keep_freed_memory_for_reuse()
     tokenizer = load_tokenizer(path)

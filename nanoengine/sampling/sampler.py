@@ -64,9 +64,10 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], shared_generator: 
         tokens[random_rows] = draw_tokens(probs, [rows[i].generator for i in random_rows], shared_generator)
     token_ids = tokens.tolist()
     logprobs: list[TokenLogprobs | None] = [None] * len(rows)
-    gathered = gather_logprobs(raw_logprobs, [token_ids[i] for i in asked], [rows[i].params.logprobs for i in asked])
-    for i, row_logprobs in zip(asked, gathered):
-        logprobs[i] = row_logprobs
+    if asked:
+        gathered = gather_logprobs(raw_logprobs, [token_ids[i] for i in asked], [rows[i].params.logprobs for i in asked])
+        for i, row_logprobs in zip(asked, gathered):
+            logprobs[i] = row_logprobs
     return SamplerOutput(token_ids, logprobs)
 
 

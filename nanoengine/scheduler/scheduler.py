@@ -104,6 +104,12 @@ class Scheduler:
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         # END SOLUTION
+        # BEGIN STUB
+        # # 1. Running requests, oldest first, while budget lasts: allocate each one's next chunk,
+        # #    preempting the newest running request while the pool is short (see the hint).
+        # # 2. Then, if nothing was preempted, admit waiting requests, oldest first, while budget,
+        # #    max_num_seqs and free blocks last (a prompt longer than the budget is chunked).
+        # END STUB
         output = SchedulerOutput(
             self.step, scheduled, preempted, self._finished_since_last_step, self.kv.take_pending_copies()
         )
