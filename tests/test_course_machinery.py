@@ -288,7 +288,7 @@ def test_pasting_the_reference_region_back_passes_that_tasks_tests(stubbed_tree,
 
 def _solved_through() -> str:
     """The lesson this run's solved-through guard uses: $NANOENGINE_SOLVED_THROUGH, else one
-    ready lesson chosen by the day, so that successive CI runs cover every lesson."""
+    ready lesson chosen by the day, so that successive CI runs cover every lesson in turn."""
     chosen = os.environ.get("NANOENGINE_SOLVED_THROUGH")
     if chosen:
         return chosen
@@ -298,19 +298,23 @@ def _solved_through() -> str:
 
 @reference_only
 @pytest.mark.parametrize("solved_through", [_solved_through()])
-def test_a_tree_solved_through_a_lesson_passes_it_and_every_earlier_lesson(solved_through, tmp_path):
-    """The tests of every lesson up to the solved one pass (nothing reaches a later lesson's
-    stub), and so does the solved lesson's notebook. The few ``slow`` tests (whole real-model
-    runs) are left out, to keep CI short."""
+def test_a_tree_solved_through_a_lesson_passes_that_lessons_tests_and_notebook(solved_through, tmp_path):
+    """A copy solved through lesson N passes lesson N's tests and runs its notebook: nothing of
+    lesson N reaches a later lesson's stub.
+
+    Checking lesson N alone, one N per run, covers "a copy solved through N passes every lesson
+    up to N" over the rotation: a lesson-M test that passes solved through M never reached a
+    region past M, so it runs the same code, and passes, in a copy solved through any later N.
+    """
     out = tmp_path / "student"
     note = make_student(ROOT, solved_through, out)
     assert json.loads((out / NOTE).read_text())["solved_through"] == solved_through
-    lessons = " or ".join(f"l{number}" for number in note["lessons_solved"])
-    results = run_tests(out, f"({lessons}) and not slow", workers=2)
+    lesson = next(lesson for lesson in LESSONS if f"L{lesson.number}" == solved_through)
+    results = run_tests(out, lesson.marker)
     failed = [f"{r.nodeid}: {r.message}" for r in results if not r.ok]
     assert results and not failed, "\n".join(failed)
-    notebook = next(lesson.notebook for lesson in LESSONS if lesson.number == note["lessons_solved"][-1])
     env = {**os.environ, "PYTHONPATH": str(out)}
-    run = subprocess.run([sys.executable, "-m", "pytest", notebook, "-p", "no:cacheprovider", "-q"],
-                         cwd=out, env=env, capture_output=True, text=True)
+    # A lenient cell timeout: this checks that the notebook runs, not how fast.
+    run = subprocess.run([sys.executable, "-m", "pytest", lesson.notebook, "-p", "no:cacheprovider", "-q",
+                          "--nbmake-timeout=600"], cwd=out, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:]
