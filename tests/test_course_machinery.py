@@ -65,7 +65,7 @@ def _stub_all(text: str) -> str:
 def test_regions_are_found_with_their_stub_fences():
     first, second = find_regions(SOURCE)
     assert (first.task, first.indent, first.begin, first.end, first.stub) == ("L03.T1", "    ", 2, 4, (5, 7))
-    assert (second.task, second.lesson, second.stub) == ("L04.T2", "04", None)
+    assert (second.task, second.stub) == ("L04.T2", None)
 
 
 def test_a_stubbed_region_keeps_its_markers_runs_its_stub_and_raises_naming_the_task():

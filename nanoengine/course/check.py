@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import nanoengine
+from nanoengine.course.syllabus import repo_root
 
 
 class _Collector:
@@ -25,7 +25,7 @@ class _Collector:
 
 
 def tests_dir() -> Path:
-    path = Path(nanoengine.__file__).resolve().parents[1] / "tests"
+    path = repo_root() / "tests"
     if not path.is_dir():
         raise RuntimeError(
             "check() runs the course's tests, which live in the repository beside the package; "

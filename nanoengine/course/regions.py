@@ -46,11 +46,6 @@ class Region:
     end: int
     stub: tuple[int, int] | None = None
 
-    @property
-    def lesson(self) -> str:
-        """``"03"`` for task ``L03.T1``."""
-        return self.task[1:3]
-
 
 def find_regions(text: str, name: str = "<source>") -> list[Region]:
     """Every solution region of ``text``, in order; raises ``RegionError`` on bad markers."""

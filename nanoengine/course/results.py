@@ -42,7 +42,7 @@ class TestResult:
         return self.outcome in ("passed", "skipped")
 
 
-def run_tests(root: Path, marker_expression: str, workers: int = 1, echo: bool = False) -> list[TestResult]:
+def run_tests(root: Path, marker_expression: str, workers: int = 1) -> list[TestResult]:
     """The outcome of every test of ``root/tests`` that ``-m marker_expression`` selects."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.jsonl"
@@ -53,14 +53,13 @@ def run_tests(root: Path, marker_expression: str, workers: int = 1, echo: bool =
         if workers > 1:
             command += ["-n", str(workers)]
         env = {**os.environ, _ENV: str(out), "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-        subprocess.run(command, cwd=root, env=env, check=False,
-                       stdout=None if echo else subprocess.DEVNULL, stderr=None if echo else subprocess.STDOUT)
+        subprocess.run(command, cwd=root, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         if not out.exists():
             return []
         results: dict[str, TestResult] = {}
         for line in out.read_text().splitlines():
-            result = TestResult(**{**json.loads(line), "markers": tuple(json.loads(line)["markers"]),
-                                   "stubs": tuple(json.loads(line)["stubs"])})
+            record = json.loads(line)
+            result = TestResult(**{**record, "markers": tuple(record["markers"]), "stubs": tuple(record["stubs"])})
             if result.nodeid not in results or not result.ok:  # a failing teardown fails a passed test
                 results[result.nodeid] = result
         return list(results.values())
