@@ -8,7 +8,9 @@ add parallel ones).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -117,6 +119,82 @@ class SchedulerConfig:
                 )
             return self.max_num_batched_tokens
         return max(2048, self.max_num_seqs) if self.enable_chunked_prefill else max(max_model_len, self.max_num_seqs)
+
+
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding (lesson 10), spelled as vLLM's ``speculative_config`` dict.
+
+    ``method``: ``"ngram"`` proposes the tokens that followed the latest earlier occurrence
+    of the sequence's last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens (prompt
+    lookup); ``"draft_model"`` runs a smaller model with the same tokenizer: ``model`` (a
+    path or bundled name; None: the target itself), cut to its first ``draft_num_layers``
+    layers when given (LayerSkip-style self-speculation, sharing the target's weights).
+    Each speculating request proposes up to ``num_speculative_tokens`` tokens per step;
+    ``disable_by_batch_size``: nobody guesses in a step that has at least this many running
+    requests (a large batch has no spare compute to spend on guesses).
+    """
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    model: str | None = None
+    draft_num_layers: int | None = None
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config method must be one of {', '.join(SPECULATIVE_METHODS)}; "
+                             f"got {self.method!r}")
+        _positive_int("num_speculative_tokens", self.num_speculative_tokens)
+        _positive_int("prompt_lookup_max", self.prompt_lookup_max)
+        _positive_int("prompt_lookup_min", self.prompt_lookup_min)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be at most "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+        _positive_int("draft_num_layers", self.draft_num_layers, allow_none=True)
+        _positive_int("disable_by_batch_size", self.disable_by_batch_size, allow_none=True)
+        if self.method == "ngram" and (self.model is not None or self.draft_num_layers is not None):
+            raise ValueError("speculative_config: model and draft_num_layers belong to method 'draft_model'")
+        if self.model is not None and not isinstance(self.model, (str, Path)):
+            raise ValueError(f"speculative_config model must be a path or a bundled name; got {self.model!r}")
+
+    @classmethod
+    def from_dict(cls, config: dict | None) -> SpeculativeConfig | None:
+        """The config from vLLM's dict form (None: no speculation); unknown keys are errors."""
+        if config is None:
+            return None
+        if isinstance(config, SpeculativeConfig):
+            return config
+        if not isinstance(config, dict):
+            raise ValueError(f"speculative_config must be a dict; got {type(config).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(config) - set(fields))
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown}; known: {', '.join(fields)}")
+        missing = [name for name in ("method", "num_speculative_tokens") if name not in config]
+        if missing:
+            raise ValueError(f"speculative_config needs {' and '.join(missing)}")
+        return cls(**config)
+
+
+def speculative_config_flag(text: str) -> dict:
+    """The ``--speculative-config`` flag's argparse type: a JSON object, checked now (so a bad
+    one fails before any weights load, with argparse's usage line) and returned as the dict
+    ``LLM(speculative_config=...)`` takes."""
+    try:
+        config = json.loads(text)
+        SpeculativeConfig.from_dict(config)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}); "
+                                         'e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'') from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return config
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from nanoengine.config import CacheConfig, ModelConfig, SchedulerConfig
+from nanoengine.config import CacheConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from nanoengine.engine.inputs import check_params_for_model, params_per_prompt, parse_prompts, render_chat
 from nanoengine.engine.llm_engine import LLMEngine
 from nanoengine.model import load_model
@@ -35,6 +35,8 @@ class LLM:
     directory or a ``.gguf`` file. ``dtype="auto"`` is bfloat16 where the hardware computes
     it natively, float32 elsewhere. ``fast_path`` (on by default) runs lesson 15's fast
     kernels; ``fast_path=False`` runs the reference path, which the tests compare it with.
+    ``speculative_config`` (lesson 10), as vLLM spells it: ``{"method": "ngram" |
+    "draft_model", "num_speculative_tokens": k, ...}`` (see :class:`SpeculativeConfig`).
     """
 
     def __init__(
@@ -54,14 +56,16 @@ class LLM:
         device: str = "auto",
         trace: bool = False,
         fast_path: bool = True,
+        speculative_config: dict | None = None,
     ) -> None:
         self.model_config = ModelConfig(
             model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device, fast_path=fast_path
         )
         cache = CacheConfig(block_size, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching)
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        speculative = SpeculativeConfig.from_dict(speculative_config)
         self.loaded = load_model(self.model_config)
-        self.llm_engine = LLMEngine(self.loaded, cache, scheduler, seed=seed, trace=trace)
+        self.llm_engine = LLMEngine(self.loaded, cache, scheduler, seed=seed, trace=trace, speculative=speculative)
         self._request_ids = itertools.count()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:

@@ -15,6 +15,7 @@ EVENT_KINDS = (
     "arrive", "schedule", "finish",  # a request's life (lesson 06): token_ids = prompt / computed chunk
     "alloc", "append", "free",  # blocks (lesson 03)
     "fork", "cow", "hit", "cache", "evict",  # sharing (lesson 08)
+    "truncate",  # speculation (lesson 10): rejected guesses' blocks given back, accepted tokens placed
     "preempt", "step",
 )
 
@@ -114,6 +115,14 @@ def replay(trace: Trace) -> list[PoolSnapshot]:
             table[table.index(shared)] = own
             ref_cnt[shared] -= 1
             owner[own], tokens[own], ref_cnt[own] = event.request_id, list(tokens[shared]), 1
+        elif kind == "truncate":
+            table = tables[event.request_id]
+            for b in blocks:
+                table.remove(b)
+                owner[b], tokens[b], ref_cnt[b] = None, [], 0
+            for i, token in enumerate(event.token_ids):
+                pos = event.first_position + i
+                tokens[table[pos // trace.block_size]].append(token)
         elif kind == "cache":
             cached[blocks[0]] = True
         elif kind == "evict":

@@ -231,9 +231,17 @@ class SharingMachine(RuleBasedStateMachine):
         self._write(request_id, len(hit) * self.manager.block_size)
         return request_id
 
+    def _settled(self, request_id: str) -> bool:
+        """Whether the request is live and may grow or fork now (a subclass may hold it back)."""
+        return request_id in self.tokens
+
+    def _held(self, request_id: str) -> int:
+        """The slots the request's table must cover."""
+        return len(self.tokens[request_id])
+
     @rule(request_id=requests, extra=st.integers(1, 5))
     def grow(self, request_id, extra):
-        if request_id not in self.tokens:
+        if not self._settled(request_id):
             return
         start = len(self.tokens[request_id])
         new = self.tokens[request_id] + [7] * extra
@@ -243,7 +251,7 @@ class SharingMachine(RuleBasedStateMachine):
 
     @rule(target=requests, request_id=requests)
     def fork(self, request_id):
-        if request_id not in self.tokens:
+        if not self._settled(request_id):
             return consumes(self.requests)
         child = f"r{self.next_id}"
         self.next_id += 1
@@ -274,8 +282,9 @@ class SharingMachine(RuleBasedStateMachine):
     def tables_fit_their_tokens(self):
         if self.manager is None:
             return
-        for request_id, tokens in self.tokens.items():
-            assert len(self.manager.block_table(request_id)) == math.ceil(len(tokens) / self.manager.block_size)
+        assert set(self.manager.tables) == set(self.tokens)
+        for request_id in self.tokens:
+            assert len(self.manager.block_table(request_id)) == math.ceil(self._held(request_id) / self.manager.block_size)
 
     @invariant()
     def cached_blocks_hold_their_prefix(self):

@@ -14,7 +14,7 @@ import torch
 
 from nanoengine.bench.datasets import load_jsonl_dataset, random_lengths, random_token_prompts
 from nanoengine.bench.machine import describe_machine
-from nanoengine.config import parse_size
+from nanoengine.config import parse_size, speculative_config_flag
 
 # flag (argparse dest) -> LLM keyword; a command passes those of its flags that it has, so a
 # new engine option is one line here and one add_argument in each command that offers it
@@ -28,6 +28,7 @@ _ENGINE_FLAGS = {
     "enable_chunked_prefill": "enable_chunked_prefill",
     "enable_prefix_caching": "enable_prefix_caching",
     "fast_path": "fast_path",
+    "speculative_config": "speculative_config",
 }
 
 
@@ -48,6 +49,12 @@ def add_fast_path_arg(p: argparse.ArgumentParser) -> None:
     """``--fast-path`` (default) / ``--no-fast-path``: lesson 15's kernels or the reference path."""
     p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
                    help="lesson 15's fast kernels (--no-fast-path: the reference path)")
+
+
+def add_speculative_arg(p: argparse.ArgumentParser) -> None:
+    """``--speculative-config JSON``, as ``vllm bench`` and ``nanoengine serve`` take it (lesson 10)."""
+    p.add_argument("--speculative-config", type=speculative_config_flag, default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
 
 
 def workload(args: argparse.Namespace, vocab_size: int, iteration: int) -> list[tuple[str | list[int], int]]:

@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from nanoengine.bench.common import add_fast_path_arg, dtype_name, engine_kwargs, write_result
-from nanoengine.bench.datasets import random_token_prompts
+from nanoengine.bench.common import add_fast_path_arg, add_speculative_arg, dtype_name, engine_kwargs, write_result
+from nanoengine.bench.datasets import load_jsonl_dataset, random_token_prompts
 from nanoengine.bench.stats import format_summary, percentiles, summary
 from nanoengine.config import ModelConfig
 from nanoengine.engine.inputs import Prompt
@@ -53,6 +53,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-iters-warmup", type=int, default=1)
     p.add_argument("--num-iters", type=int, default=3)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--dataset-path", type=Path, default=None,
+                   help='JSONL of {"prompt": text} or {"prompt_token_ids": [...]} instead of random ids: iteration '
+                        "i runs lines i*B .. i*B+B-1 (B = --batch-size, cycling through the file); --input-len is ignored")
+    add_speculative_arg(p)
     add_fast_path_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=Path, default=None, help="write every measurement here")
@@ -67,6 +71,7 @@ class BatchRun:
     first_token: list[float]
     finished: list[float]
     steps: list[tuple[float, int]]
+    num_steps: int
 
     @property
     def prefill_s(self) -> float:
@@ -85,6 +90,13 @@ class BatchRun:
         return decoded / (self.latency_s - self.prefill_s)
 
     @property
+    def decode_tokens_per_step(self) -> float:
+        """Tokens the batch gained per engine step after its prefill: at batch 1, tokens per
+        forward pass of the model (1.0 without speculation)."""
+        decode = [n for t, n in self.steps if t > self.prefill_s]
+        return sum(decode) / len(decode) if decode else 0.0
+
+    @property
     def decode_step_s(self) -> list[float]:
         """The duration of every step after the batch's prefill."""
         times = [t for t, _ in self.steps if t >= self.prefill_s]
@@ -93,22 +105,28 @@ class BatchRun:
 
 def _one_run(engine, prompts: list[list[int]], output_len: int, tag: str) -> BatchRun:
     """Submit every prompt at once and step the engine (an ``LLMEngine`` or a ``NaiveEngine``)
-    until all are done, timing each step's outputs."""
+    until all are done, timing each step's outputs and counting the tokens each step added
+    (several per request with speculative decoding)."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", Prompt(None, prompt), params)
-    first, finished, steps = {}, {}, []
+    first, finished, steps, have, num_steps = {}, {}, [], {}, 0
     while engine.has_unfinished_requests():
         outputs = engine.step()
+        num_steps += 1
         now = time.perf_counter() - start
-        if outputs:
-            steps.append((now, len(outputs)))
+        gained = 0
         for out in outputs:
             first.setdefault(out.request_id, now)
+            count = len(out.outputs[0].token_ids)
+            gained += count - have.get(out.request_id, 0)
+            have[out.request_id] = count
             if out.finished:
                 finished[out.request_id] = now
-    return BatchRun(list(first.values()), list(finished.values()), steps)
+        if outputs:
+            steps.append((now, gained))
+    return BatchRun(list(first.values()), list(finished.values()), steps, num_steps)
 
 
 def _engine(args: argparse.Namespace) -> tuple[object, LoadedModel]:
@@ -120,6 +138,8 @@ def _engine(args: argparse.Namespace) -> tuple[object, LoadedModel]:
         return llm.llm_engine, llm.loaded
     if args.batch_size != 1:
         raise ValueError(f"--batch-size {args.batch_size} needs --engine llm; {args.engine} runs one request at a time")
+    if args.speculative_config is not None:
+        raise ValueError(f"--speculative-config needs --engine llm; {args.engine} does not speculate")
     loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, seed=args.seed))
     return NaiveEngine(loaded, kv_cache=ENGINES[args.engine], block_size=args.block_size, seed=args.seed), loaded
 
@@ -130,29 +150,46 @@ def main(args: argparse.Namespace) -> int:
     engine, loaded = _engine(args)
 
     def prompts(iteration: int) -> list[list[int]]:
+        if args.dataset_path:  # iteration i takes the next --batch-size lines, cycling through the file
+            lines = load_jsonl_dataset(args.dataset_path)
+            first = iteration * args.batch_size
+            chosen = [lines[(first + i) % len(lines)].prompt for i in range(args.batch_size)]
+            return [p if isinstance(p, list) else loaded.tokenizer(p, add_special_tokens=False)["input_ids"]
+                    for p in chosen]
         return random_token_prompts([args.input_len] * args.batch_size, loaded.hf_config.vocab_size,
                                     args.seed + 1000 * iteration)
 
     for i in range(args.num_iters_warmup):
         _one_run(engine, prompts(args.num_iters + i), min(args.output_len, 8), f"warmup-{i}")  # prompts no run uses
-    runs = []
+    runs, prefill_tps = [], []
+    spec_before = _spec_counts(engine)
     for i in range(args.num_iters):
-        runs.append(_one_run(engine, prompts(i), args.output_len, f"run-{i}"))
+        batch = prompts(i)
+        runs.append(_one_run(engine, batch, args.output_len, f"run-{i}"))
+        prefill_tps.append(sum(map(len, batch)) / runs[-1].prefill_s)
         print(f"iteration {i + 1}/{args.num_iters}: {runs[-1].latency_s:.2f} s", file=sys.stderr)
     latency = [r.latency_s for r in runs]
     prefill = [r.prefill_s for r in runs]
-    prefill_tps = [args.batch_size * args.input_len / p for p in prefill]
     decode_tps = [r.decode_tokens_per_s for r in runs]
+    tokens_per_step = [r.decode_tokens_per_step for r in runs]
+    speculation = _speculation_record(engine, spec_before)
     requests = [t for r in runs for t in r.finished]
     request_latency = {"mean": statistics.fmean(requests), **percentiles(requests, LATENCY_PERCENTILES)}
     steps_ms = [statistics.median(step) * 1e3 for step in zip(*(r.decode_step_s for r in runs))]
     print(f"engine={args.engine} model={loaded.path.name} dtype={dtype_name(loaded.dtype)} "
-          f"batch_size={args.batch_size} input_len={args.input_len} output_len={args.output_len}")
+          f"batch_size={args.batch_size} "
+          f"{f'dataset={args.dataset_path}' if args.dataset_path else f'input_len={args.input_len}'} "
+          f"output_len={args.output_len}")
     print(format_summary("end-to-end latency", latency, "s"))
     print("request latency: " + ", ".join(f"{k} {v:.3f} s" for k, v in request_latency.items()))
     print(format_summary("prefill (time to first token)", [p * 1e3 for p in prefill], "ms"))
     print(format_summary("prefill", prefill_tps, "tokens/s"))
     print(format_summary("decode", decode_tps, "tokens/s"))
+    print(format_summary("decode tokens per engine step", tokens_per_step, "tokens"))
+    if speculation:
+        print(f"speculation: {speculation['num_accepted_tokens']} of {speculation['num_draft_tokens']} guesses "
+              f"accepted ({speculation['acceptance_rate']:.1%}), mean acceptance length "
+              f"{speculation['mean_acceptance_length']:.2f}")
     write_result(args.result_json, {
         "model": loaded.path.name,
         "dtype": dtype_name(loaded.dtype),
@@ -166,5 +203,29 @@ def main(args: argparse.Namespace) -> int:
         "prefill_tokens_per_s": summary(prefill_tps),
         "decode_tokens_per_s": summary(decode_tps),
         "decode_step_ms": steps_ms,
+        "decode_tokens_per_step": summary(tokens_per_step),
+        "dataset_path": str(args.dataset_path) if args.dataset_path else None,
+        "speculative_config": args.speculative_config,
+        "speculation": speculation,
     })
     return 0
+
+
+HISTORY_RECORDED = 512  # verifications of the last run kept in the result, for lesson 10's plot
+
+
+def _spec_counts(engine) -> tuple[int, int, int]:
+    stats = getattr(engine, "spec_stats", None)
+    return (0, 0, 0) if stats is None else (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens)
+
+
+def _speculation_record(engine, before: tuple[int, int, int]) -> dict | None:
+    """What speculation did during the measured runs (None: the engine did not speculate),
+    with the last run's verifications as ``[step, guesses, accepted]``."""
+    drafts, guesses, accepted = (now - then for now, then in zip(_spec_counts(engine), before))
+    if not drafts:
+        return None
+    history = list(engine.spec_stats.history)[-min(drafts, HISTORY_RECORDED):]
+    return {"num_drafts": drafts, "num_draft_tokens": guesses, "num_accepted_tokens": accepted,
+            "acceptance_rate": accepted / guesses, "mean_acceptance_length": 1 + accepted / drafts,
+            "history": [list(entry) for entry in history]}

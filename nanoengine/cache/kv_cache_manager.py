@@ -12,6 +12,10 @@ cached blocks of its longest cached prefix. ``fork`` gives a new sequence (paral
 sampling, ``n > 1``) its parent's table with every block shared; the first write into a
 shared, partly filled block copies it first (*copy-on-write*): the copies to make are
 handed to the worker in the step's plan.
+
+Lesson 10 lets a request hold *lookahead* slots past its verified tokens for guessed tokens
+(speculative decoding); once the guesses are checked, ``truncate`` keeps the accepted ones'
+slots and gives the rest back. Guesses are never cached.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.stats = PrefixCacheStats()
         self.pending_copies: list[tuple[int, int]] = []
+        self.lookahead: dict[str, int] = {}  # slots held past the verified tokens (lesson 10)
         self.trace = trace
 
     @property
@@ -108,22 +113,26 @@ class KVCacheManager:
         # END SOLUTION
 
     def allocate_slots(
-        self, request_id: str, token_ids: Sequence[int], computed_blocks: Sequence[int] = (), extra_keys: tuple = ()
+        self, request_id: str, token_ids: Sequence[int], computed_blocks: Sequence[int] = (), extra_keys: tuple = (),
+        num_lookahead_tokens: int = 0,
     ) -> bool:
-        """Make room for all of ``token_ids`` (the request's whole sequence so far).
+        """Make room for all of ``token_ids`` (the request's whole sequence so far), plus
+        ``num_lookahead_tokens`` slots after them for speculated tokens (lesson 10).
 
         A new request's table starts with ``computed_blocks`` (its prefix-cache hit), then
         grows by the blocks the new tokens need; a shared block about to be written is
-        copied first. Returns False and changes nothing when the pool has too few free
-        blocks (the scheduler then waits or preempts).
+        copied first. Lookahead slots are never cached: their tokens are guesses until
+        verified. Returns False and changes nothing when the pool has too few free blocks
+        (the scheduler then waits or preempts).
         """
         is_new = request_id not in self.tables
         if computed_blocks and not is_new:
             raise ValueError(f"request {request_id!r} already has blocks; cached blocks only start a table")
         start = self.num_tokens.get(request_id, len(computed_blocks) * self.block_size)
+        end = len(token_ids) + num_lookahead_tokens
         table = self.tables.get(request_id, [])
-        needed = max(0, math.ceil(len(token_ids) / self.block_size) - len(table) - len(computed_blocks))
-        copy = self._shared_block_to_write(table, start, len(token_ids))
+        needed = max(0, math.ceil(end / self.block_size) - len(table) - len(computed_blocks))
+        copy = self._shared_block_to_write(table, start, end)
         revived = sum(1 for b in computed_blocks if self.pool.blocks[b].ref_cnt == 0)
         if needed + (copy is not None) > self.pool.num_free_blocks - revived:
             return False
@@ -137,9 +146,11 @@ class KVCacheManager:
         # BEGIN SOLUTION L03.T2
         new_blocks = self.pool.allocate(needed)
         table.extend(new_blocks)
-        self.num_tokens[request_id] = len(token_ids)
+        self.num_tokens[request_id] = end
         # END SOLUTION
         self._record("alloc" if is_new else "append", request_id, new_blocks, token_ids[start:], start)
+        if num_lookahead_tokens:
+            self.lookahead[request_id] = num_lookahead_tokens
         if self.enable_prefix_caching:
             self._cache_full_blocks(request_id, token_ids, extra_keys)
         return True
@@ -185,6 +196,32 @@ class KVCacheManager:
             self.hashes[child_id] = list(self.hashes[parent_id])
         self._record("fork", child_id, table)
 
+    def truncate(self, request_id: str, token_ids: Sequence[int]) -> None:
+        """Keep the slots of ``token_ids`` (the request's verified sequence) and give up the
+        rest of its lookahead slots (lesson 10).
+
+        A speculating request holds slots for its guessed tokens; once the rejected ones are
+        known, their slots go: the table keeps ``ceil(len(token_ids) / block_size)`` blocks
+        and the others return to the pool. Rejected K/V left in the kept, partly filled block
+        are overwritten by the next tokens, which is safe because only full blocks of
+        verified tokens are ever cached.
+        """
+        have, num_tokens = self.num_tokens[request_id], len(token_ids)
+        verified = have - self.lookahead.get(request_id, 0)
+        if not verified <= num_tokens <= have:  # below: a cached block could be cut and overwritten
+            raise ValueError(f"request {request_id!r} has {verified} verified tokens and {have} slots; "
+                             f"it can keep between the two, not {num_tokens}")
+        # BEGIN SOLUTION L10.T3
+        table = self.tables[request_id]
+        keep = math.ceil(num_tokens / self.block_size)
+        released = table[keep:]
+        del table[keep:]
+        self.pool.free(released[::-1])
+        self.num_tokens[request_id] = num_tokens
+        # END SOLUTION
+        self.lookahead.pop(request_id, None)
+        self._record("truncate", request_id, released, token_ids[verified:], verified)  # the accepted guesses
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """The (source, destination) block copies the worker must make before the next step."""
         copies, self.pending_copies = self.pending_copies, []
@@ -202,6 +239,7 @@ class KVCacheManager:
         table = self.tables.pop(request_id)
         del self.num_tokens[request_id]
         self.hashes.pop(request_id, None)
+        self.lookahead.pop(request_id, None)
         self.pool.free(table[::-1])
         self._record("free", request_id, table)
 

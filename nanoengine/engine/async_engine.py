@@ -61,6 +61,9 @@ class EngineMetrics:
     prefix_cache_queried_blocks: int = 0
     prefix_cache_hit_blocks: int = 0
     num_preemptions: int = 0
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
 
 def _snapshot(engine) -> EngineMetrics:
@@ -73,6 +76,9 @@ def _snapshot(engine) -> EngineMetrics:
         prefix_cache_queried_blocks=kv.stats.queried_blocks,
         prefix_cache_hit_blocks=kv.stats.hit_blocks,
         num_preemptions=scheduler.num_preemptions,
+        spec_decode_num_drafts=engine.spec_stats.num_drafts,
+        spec_decode_num_draft_tokens=engine.spec_stats.num_draft_tokens,
+        spec_decode_num_accepted_tokens=engine.spec_stats.num_accepted_tokens,
     )
 
 

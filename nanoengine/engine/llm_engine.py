@@ -7,6 +7,10 @@ frees finished requests' blocks at once.
 
 Lesson 08: a request with ``n > 1`` runs its prompt once, then forks into ``n`` sequences
 that share its blocks; its :class:`RequestState` gathers them into one output.
+
+Lesson 10: with a ``SpeculativeConfig``, a decoding request may gain several tokens in one
+step (its accepted guesses and the target's next token); they are processed in order, and
+any after a token that ends the sequence are dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 from nanoengine.attention.registry import default_backend, load_backend
 from nanoengine.attention.torch_paged import PagedKVCache
 from nanoengine.cache.kv_cache_manager import KVCacheManager, num_blocks_for_budget
-from nanoengine.config import CacheConfig, SchedulerConfig
+from nanoengine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from nanoengine.engine.inputs import Prompt, check_params_for_model, make_request
 from nanoengine.engine.output_processor import RequestState
 from nanoengine.model.llama import head_dim_of
@@ -26,6 +30,8 @@ from nanoengine.platform import available_memory_bytes
 from nanoengine.request import RequestStatus
 from nanoengine.sampling_params import SamplingParams
 from nanoengine.scheduler import Scheduler
+from nanoengine.spec_decode.factory import build_proposer, load_draft
+from nanoengine.spec_decode.stats import SpecDecodeStats
 from nanoengine.trace import Trace
 from nanoengine.worker.model_runner import ModelRunner
 
@@ -46,13 +52,14 @@ def kv_cache_budget(cache: CacheConfig, loaded: LoadedModel, bytes_per_token: in
     return min(int(free * share), useful)
 
 
-def kv_bytes_per_slot(loaded: LoadedModel) -> int:
+def kv_bytes_per_slot(loaded: LoadedModel, num_layers: int | None = None) -> int:
     """Bytes one token slot of the paged KV pool takes, measured on a one-slot pool built on
     PyTorch's ``meta`` device (shapes and dtypes, no memory): the engine sizes its pool by
-    what the worker's tensors really take, which lesson 02's formula predicts."""
+    what the worker's tensors really take, which lesson 02's formula predicts.
+    ``num_layers``: for a pool of only the first layers (an early-exit draft, lesson 10)."""
     config = loaded.hf_config
-    probe = PagedKVCache(config.num_hidden_layers, 1, 1, config.num_key_value_heads, head_dim_of(config),
-                         loaded.dtype, "meta")
+    probe = PagedKVCache(num_layers or config.num_hidden_layers, 1, 1, config.num_key_value_heads,
+                         head_dim_of(config), loaded.dtype, "meta")
     return probe.nbytes
 
 
@@ -71,10 +78,14 @@ class LLMEngine:
         scheduler: SchedulerConfig,
         seed: int = 0,
         trace: bool = False,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.loaded = loaded
         config = loaded.hf_config
+        draft = load_draft(speculative, loaded) if speculative else None
         per_token = kv_bytes_per_slot(loaded)
+        if draft is not None:  # the draft's own cache has a slot for every slot of the target's
+            per_token += kv_bytes_per_slot(draft.loaded, draft.num_layers)
         budget = kv_cache_budget(cache, loaded, per_token, scheduler.max_num_seqs)
         num_blocks = num_blocks_for_budget(budget, per_token, cache.block_size)
         capacity = num_blocks * cache.block_size
@@ -91,6 +102,9 @@ class LLMEngine:
             scheduler.max_num_seqs,
             scheduler.enable_chunked_prefill,
             self.trace,
+            speculative.num_speculative_tokens if speculative else 0,
+            loaded.max_model_len,
+            speculative.disable_by_batch_size if speculative else None,
         )
         kv_tensors = PagedKVCache(
             config.num_hidden_layers, num_blocks, cache.block_size, config.num_key_value_heads,
@@ -98,6 +112,12 @@ class LLMEngine:
         )
         backend = load_backend(default_backend(loaded.device, loaded.fast_path), loaded.dtype)
         self.runner = ModelRunner(loaded.model, kv_tensors, backend, seed)
+        self.speculative = speculative
+        self.spec_stats = SpecDecodeStats()
+        if speculative is not None:
+            self.runner.proposer = build_proposer(
+                speculative, draft, num_blocks, cache.block_size, backend, self.runner.generator
+            )
         self.max_num_seqs = scheduler.max_num_seqs
         self.states: dict[str, RequestState] = {}
         self.owner: dict[str, str] = {}
@@ -135,19 +155,28 @@ class LLMEngine:
         """Run one step; return the outputs of the requests that gained a token."""
         plan = self.scheduler.schedule()
         result = self.runner.execute(plan)
-        self.scheduler.update_after_step(plan)
+        self.scheduler.update_after_step(plan, result.sampled_token_ids)
         for sequence_id, (first, entries) in result.prompt_logprobs.items():
             self.states[self.owner[sequence_id]].add_prompt_logprobs(first, entries)
         touched: dict[str, RequestState] = {}
         for sequence_id, tokens in result.sampled_token_ids.items():
             request_id = self.owner[sequence_id]
             state = touched[request_id] = self.states[request_id]
-            sequence_ids = [sequence_id]
-            if len(tokens) > 1:
+            num_guesses = result.num_draft_tokens.get(sequence_id)
+            if num_guesses is not None:  # lesson 10: accepted guesses, then the target's token
+                sequence_ids = [sequence_id] * len(tokens)
+                if num_guesses:
+                    self.spec_stats.observe(plan.step, num_guesses, len(tokens) - 1)
+            elif len(tokens) > 1:
                 sequence_ids = self._fork(state, sequence_id, len(tokens))
+            else:
+                sequence_ids = [sequence_id]
             logprobs = result.logprobs.get(sequence_id, [None] * len(tokens))
             for child_id, token, entry in zip(sequence_ids, tokens, logprobs):
-                if state.sequences[child_id].process_token(token, entry).finish_reason is not None:
+                processor = state.sequences[child_id]
+                if processor.request.status.finished:
+                    continue  # it stopped on an earlier token of the same step (a guess past a stop)
+                if processor.process_token(token, entry).finish_reason is not None:
                     self.scheduler.finish_request(child_id)
                     del self.owner[child_id]
         outputs = [state.output() for state in touched.values()]

@@ -131,10 +131,13 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext, num_layers: int | None = None
+    ) -> torch.Tensor:
+        """``num_layers``: run only the first layers (an early-exit draft, lesson 10)."""
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, hidden.dtype)
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             hidden = layer(rope, hidden, attn)
         return self.norm(hidden)
 
@@ -168,8 +171,10 @@ class LlamaForCausalLM(nn.Module):
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
-        return self.model(input_ids, positions, attn)
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext, num_layers: int | None = None
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, attn, num_layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -55,8 +55,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], shared_generator: 
     """
     asked = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     raw_logprobs = logits[asked].float().log_softmax(dim=-1)
-    logits = apply_logit_bias(logits.float(), [row.params.logit_bias for row in rows])
-    logits = _penalise(_ban(logits, [row.banned_token_ids for row in rows]), rows)
+    logits = processed_logits(logits, rows)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
     if random_rows:
@@ -69,6 +68,25 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], shared_generator: 
         for i, row_logprobs in zip(asked, gathered):
             logprobs[i] = row_logprobs
     return SamplerOutput(token_ids, logprobs)
+
+
+def processed_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Float32 logits after logit bias, banned tokens and penalties: what greedy rows take
+    the argmax of and random rows go on to shape into a distribution."""
+    logits = apply_logit_bias(logits.float(), [row.params.logit_bias for row in rows])
+    return _penalise(_ban(logits, [row.banned_token_ids for row in rows]), rows)
+
+
+def target_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The distribution :func:`sample` draws each row's token from, ``[B, V]``: one-hot at the
+    argmax for a greedy row. Speculative decoding (lesson 10) needs it whole, to check
+    guesses against it."""
+    logits = processed_logits(logits, rows)
+    probs = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if random_rows:
+        probs[random_rows] = sampling_probs(logits[random_rows], [rows[i].params for i in random_rows])
+    return probs
 
 
 def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

@@ -16,7 +16,8 @@ class ScheduledRequest:
     sequence) it also samples the next token, never one of ``banned_token_ids`` (``params.n``
     tokens when the request is about to fork into ``n`` sequences, lesson 08).
     ``prompt_token_ids`` / ``output_token_ids`` are the whole sequence so far, which the
-    penalties and prompt logprobs of lesson 09 need.
+    penalties and prompt logprobs of lesson 09 need. ``num_lookahead_tokens``: slots after
+    ``token_ids`` in ``block_table`` for that many guessed tokens (speculation, lesson 10).
     """
 
     request_id: str
@@ -28,6 +29,7 @@ class ScheduledRequest:
     banned_token_ids: list[int]
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    num_lookahead_tokens: int = 0
 
 
 @dataclasses.dataclass(slots=True)

@@ -36,8 +36,16 @@ class Scheduler:
         max_num_seqs: int,
         enable_chunked_prefill: bool = True,
         trace: Trace | None = None,
+        num_speculative_tokens: int = 0,
+        max_model_len: int | None = None,
+        speculation_max_batch: int | None = None,
     ) -> None:
+        if num_speculative_tokens and max_model_len is None:
+            raise ValueError("a speculating scheduler needs max_model_len, to keep guesses inside the context")
         self.kv = kv_cache_manager
+        self.num_speculative_tokens = num_speculative_tokens
+        self.max_model_len = max_model_len
+        self.speculation_max_batch = speculation_max_batch
         self.token_budget = token_budget
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -62,7 +70,11 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Plan one step."""
-        budget = self.token_budget
+        speculate = self.num_speculative_tokens > 0 and (
+            self.speculation_max_batch is None or len(self.running) < self.speculation_max_batch
+        )
+        reserved = self._lookahead_budget() if speculate else 0
+        budget = self.token_budget - reserved
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
         # BEGIN SOLUTION L06.T1
@@ -110,6 +122,8 @@ class Scheduler:
         # # 2. Then, if nothing was preempted, admit waiting requests, oldest first, while budget,
         # #    max_num_seqs and free blocks last (a prompt longer than the budget is chunked).
         # END STUB
+        if speculate:
+            self._reserve_lookahead(scheduled, budget + reserved)
         output = SchedulerOutput(
             self.step, scheduled, preempted, self._finished_since_last_step, self.kv.take_pending_copies()
         )
@@ -120,6 +134,42 @@ class Scheduler:
         if self.trace is not None:
             self.trace.next_step()
         return output
+
+    def _guesses_wanted(self, request: Request) -> int:
+        """How many guesses a running request could take this step (lesson 10): none unless it
+        is decoding (only its newest token left to compute), and never past its length limit,
+        since ``k`` guesses can emit ``k + 1`` tokens."""
+        if request.num_tokens - request.num_computed_tokens != 1 or not request.output_token_ids:
+            return 0
+        room = request.max_total_tokens(self.max_model_len) - request.num_tokens - 1
+        return max(0, min(self.num_speculative_tokens, room))
+
+    def _lookahead_budget(self) -> int:
+        """The step budget kept for running requests' guesses: what their real tokens leave,
+        taken before waiting prompts are admitted (vLLM's order), so a long prompt being
+        prefilled does not silence everyone's speculation."""
+        real = sum(r.num_tokens - r.num_computed_tokens for r in self.running)
+        wanted = sum(self._guesses_wanted(r) for r in self.running)
+        return max(0, min(wanted, self.token_budget - real))
+
+    def _reserve_lookahead(self, scheduled: list[ScheduledRequest], budget: int) -> None:
+        """Lesson 10: give decoding requests slots for guessed tokens, out of ``budget`` (the
+        kept share plus what the step left over), oldest first.
+
+        Short of free blocks, a request simply does not guess this step; nobody is preempted
+        for a guess.
+        """
+        for s in scheduled:
+            if budget <= 0:
+                break
+            request = self.requests[s.request_id]
+            if not s.sample or len(s.token_ids) != 1:
+                continue
+            k = min(self._guesses_wanted(request), budget)
+            if k > 0 and self.kv.allocate_slots(s.request_id, request.all_token_ids, num_lookahead_tokens=k):
+                s.num_lookahead_tokens = k
+                s.block_table = list(self.kv.block_table(s.request_id))
+                budget -= k
 
     def _cached_prefix(self, request: Request) -> list[int]:
         """The cached blocks an admitted request starts from (lesson 08).
@@ -181,10 +231,20 @@ class Scheduler:
         self.num_preemptions += 1
         self._record("preempt", request.request_id)
 
-    def update_after_step(self, output: SchedulerOutput) -> None:
-        """The step ran: its scheduled tokens are now in the cache."""
+    def update_after_step(self, output: SchedulerOutput, sampled: dict[str, list[int]] | None = None) -> None:
+        """The step ran: its scheduled tokens are now in the cache.
+
+        A request that guessed (lesson 10) also has its accepted guesses in the cache: all
+        of ``sampled[id]`` but the last token, which is new. Its rejected guesses' slots are
+        given back.
+        """
         for s in output.scheduled:
-            self.requests[s.request_id].num_computed_tokens += len(s.token_ids)
+            request = self.requests[s.request_id]
+            request.num_computed_tokens += len(s.token_ids)
+            if s.num_lookahead_tokens:
+                accepted = (sampled or {}).get(s.request_id, [None])[:-1]
+                request.num_computed_tokens += len(accepted)
+                self.kv.truncate(s.request_id, request.all_token_ids + accepted)
 
     def finish_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_STOPPED) -> None:
         """Remove a finished or aborted request and free its blocks (a no-op if already gone)."""

@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from nanoengine.config import DTYPES, parse_size
+from nanoengine.config import DTYPES, parse_size, speculative_config_flag
 
 logger = logging.getLogger("nanoengine")
 
@@ -48,6 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
                    help="lesson 15's fast kernels (off: the reference path)")
+    p.add_argument("--speculative-config", type=speculative_config_flag, default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (lesson 10)')
     p.add_argument("--seed", type=int, default=0, help="engine seed")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file")
     p.add_argument("--max-queued-requests", type=int, default=None,
@@ -62,7 +64,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed, block_size=args.block_size,
                   kv_cache_memory_bytes=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-                  enable_chunked_prefill=args.enable_chunked_prefill, fast_path=args.fast_path)
+                  enable_chunked_prefill=args.enable_chunked_prefill, fast_path=args.fast_path,
+                  speculative_config=args.speculative_config)
     if args.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     return kwargs

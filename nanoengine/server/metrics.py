@@ -66,6 +66,15 @@ class _EngineCollector:
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       m.prefix_cache_hit_blocks * self.block_size)
         yield counter("num_preemptions", "Requests preempted to free KV blocks.", m.num_preemptions)
+        yield counter("spec_decode_num_drafts", "Verifications of speculated tokens (lesson 10).",
+                      m.spec_decode_num_drafts)
+        yield counter("spec_decode_num_draft_tokens", "Speculated tokens proposed.", m.spec_decode_num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Speculated tokens accepted.",
+                      m.spec_decode_num_accepted_tokens)
+        drafts = m.spec_decode_num_drafts
+        yield gauge("spec_decode_mean_acceptance_length",
+                    "Tokens per verification: accepted guesses plus the target's own (1 = no gain).",
+                    1 + m.spec_decode_num_accepted_tokens / drafts if drafts else 1.0)
 
 
 class ServerMetrics:

@@ -24,15 +24,16 @@ from nanoengine.viz.memory import paged_vs_contiguous
 from nanoengine.viz.prefix_tree import cache_hits_per_request, prefix_tree, prefix_tree_nodes
 from nanoengine.viz.request_life import RequestLife, request_lives
 from nanoengine.viz.sampling_effects import sampling_distributions, sampling_effects
+from nanoengine.viz.speculation import accepted_per_step, speculation_speedup
 from nanoengine.viz.style import save_figure
 from nanoengine.viz.timeline import token_timeline
 
 __all__ = [
-    "allocation_animation", "batching_throughput", "beam_tree", "beam_trie", "block_pool_grid",
+    "accepted_per_step", "allocation_animation", "batching_throughput", "beam_tree", "beam_trie", "block_pool_grid",
     "block_tables", "cache_hits_per_request", "chunk_size_tradeoff", "example_beam_output", "example_logits",
     "example_paging_manager", "example_paging_trace", "example_prefix_manager", "example_prefix_trace",
     "example_scheduler_trace", "explore", "gantt_states", "kernel_thread_mapping", "kv_cache_speed",
     "model_anatomy", "paged_vs_contiguous", "parameter_counts", "prefix_tree", "prefix_tree_nodes", "progression_chart",
     "request_lives", "RequestLife", "sampling_distributions", "sampling_effects", "save_figure",
-    "scheduler_gantt", "slot_states", "token_timeline", "trace_colors",
+    "scheduler_gantt", "slot_states", "speculation_speedup", "token_timeline", "trace_colors",
 ]

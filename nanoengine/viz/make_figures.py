@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 from nanoengine.model import load_hf_config  # noqa: E402
 from nanoengine.trace import replay  # noqa: E402
 from nanoengine.viz import (  # noqa: E402
+    accepted_per_step,
     batching_throughput,
     beam_tree,
     block_pool_grid,
@@ -38,6 +39,7 @@ from nanoengine.viz import (  # noqa: E402
     sampling_effects,
     save_figure,
     scheduler_gantt,
+    speculation_speedup,
     token_timeline,
     trace_colors,
 )
@@ -60,6 +62,8 @@ GALLERY = [
     ("prefix_tree.png", "08", "The prefix cache as a tree of registered blocks, with the hits each request took."),
     ("sampling_processors.png", "09", "The next-token distribution before and after each sampling processor alone."),
     ("beam_tree.png", "09", "A beam search as a trie: the beams kept at each step, with their log-probabilities."),
+    ("spec_accepted_per_step.png", "10", "Prompt lookup on the copy task at batch 1: each verification's guesses and accepted tokens."),
+    ("spec_speedup_by_batch.png", "10", "Decode speed with prompt lookup over without, as the batch grows: where speculation stops paying."),
     ("progression.png", "15", "One workload through every engine of the course, lesson 01's loop to the fast path."),
 ]
 
@@ -117,6 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         save_figure(beam_tree(example_beam_output(), len(BEAM_PROMPT), labels=BEAM_VOCAB.__getitem__),
                     args.out / "beam_tree.png"),
     ]
+    lookup = _bench("l10_copy_b1_ngram")
+    if lookup:
+        written.append(save_figure(accepted_per_step(lookup["speculation"]["history"],
+                                                     "prompt lookup, k = 4, copy task, batch 1 (docs/bench/l10_copy_b1_ngram.json)"),
+                                   args.out / "spec_accepted_per_step.png"))
+    sizes = (1, 2, 4, 16)
+    plain = [r for r in (_bench(f"l10_copy_b{b}_plain") for b in sizes) if r]
+    speculative = [r for r in (_bench(f"l10_copy_b{b}_ngram") for b in sizes) if r]
+    if plain and speculative:
+        written.append(save_figure(speculation_speedup(plain, {"prompt lookup, k = 4": speculative}),
+                                   args.out / "spec_speedup_by_batch.png"))
     progression = _bench("l15_progression")
     if progression:
         written.append(save_figure(progression_chart(progression), args.out / "progression.png"))

@@ -16,6 +16,8 @@ from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
 from nanoengine.request import child_params, child_request_id
 from nanoengine.sampling import SamplingRow, TokenLogprobs, gather_logprobs, sample
 from nanoengine.scheduler.output import ScheduledRequest, SchedulerOutput
+from nanoengine.spec_decode.proposer import Proposal, ProposalRequest, Proposer
+from nanoengine.spec_decode.verifier import verify
 
 
 @dataclasses.dataclass(slots=True)
@@ -27,12 +29,15 @@ class ModelRunnerOutput:
     ``logprobs``: for requests that asked, one entry per sampled token;
     ``prompt_logprobs``: for requests that asked, the index of the first prompt token this
     step predicted and one entry per predicted prompt token (the token after each computed
-    prompt position).
+    prompt position); ``num_draft_tokens``: for each request whose guesses were checked
+    (lesson 10), how many there were; its ``sampled_token_ids`` are then its accepted
+    guesses and one token of the target's, in order.
     """
 
     sampled_token_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = dataclasses.field(default_factory=dict)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = dataclasses.field(default_factory=dict)
+    num_draft_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class ModelRunner:
@@ -52,6 +57,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator().manual_seed(seed)
         self.request_generators: dict[str, torch.Generator] = {}
+        self.proposer: Proposer | None = None  # lesson 10: set by an engine that speculates
 
     def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -64,9 +70,12 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in plan.finished_request_ids:
             self.request_generators.pop(request_id, None)
+        if self.proposer is not None:
+            self.proposer.forget(plan.finished_request_ids + plan.preempted_request_ids)
         self.kv_cache.copy_blocks(plan.blocks_to_copy)
         if not plan.scheduled:
             return ModelRunnerOutput()
+        plan, proposals = self._with_proposals(plan)
         # BEGIN SOLUTION L06.T2
         scheduled = plan.scheduled
         input_ids = [t for s in scheduled for t in s.token_ids]
@@ -90,8 +99,57 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[last_rows])
             self._sample(logits, [scheduled[i] for i in sampling], output)
         # END SOLUTION
+        if proposals:
+            self._verify(hidden, metadata, scheduled, proposals, output)
         self._prompt_logprobs(hidden, metadata, scheduled, output)
         return output
+
+    def _with_proposals(self, plan: SchedulerOutput) -> tuple[SchedulerOutput, dict[str, Proposal]]:
+        """Lesson 10: the proposer's guesses for every request given lookahead slots, and the
+        plan that computes them after each such request's last token. In that plan those
+        requests sample nothing: :meth:`_verify` decides their tokens."""
+        asking = [s for s in plan.scheduled if s.num_lookahead_tokens]
+        if self.proposer is None or not asking:
+            return plan, {}
+        requests = [
+            ProposalRequest(
+                s.request_id, s.prompt_token_ids + s.output_token_ids, s.num_lookahead_tokens, s.params,
+                s.block_table, self._generator_for(s.request_id, s.params.seed),
+            )
+            for s in asking
+        ]
+        proposals = {s.request_id: p for s, p in zip(asking, self.proposer.propose(requests))}
+        scheduled = [
+            dataclasses.replace(s, token_ids=s.token_ids + proposals[s.request_id].token_ids, sample=False)
+            if s.request_id in proposals else s
+            for s in plan.scheduled
+        ]
+        return dataclasses.replace(plan, scheduled=scheduled), proposals
+
+    def _verify(
+        self, hidden: torch.Tensor, metadata: AttentionMetadata, scheduled: list[ScheduledRequest],
+        proposals: dict[str, Proposal], output: ModelRunnerOutput,
+    ) -> None:
+        """Check each guessing request's guesses against the target's logits at its last
+        ``guesses + 1`` rows (lesson 10)."""
+        chosen = [(i, s) for i, s in enumerate(scheduled) if s.request_id in proposals]
+        rows = [
+            row
+            for i, s in chosen
+            for row in range(metadata.query_start_loc[i + 1] - len(proposals[s.request_id].token_ids) - 1,
+                             metadata.query_start_loc[i + 1])
+        ]
+        logits = self.model.compute_logits(hidden[rows])
+        requests = [s for _, s in chosen]
+        results = verify(
+            logits, requests, [proposals[s.request_id] for s in requests],
+            [self._generator_for(s.request_id, s.params.seed) for s in requests], self.generator,
+        )
+        for s, result in zip(requests, results):
+            output.sampled_token_ids[s.request_id] = result.token_ids
+            output.num_draft_tokens[s.request_id] = result.num_draft_tokens
+            if result.logprobs is not None:
+                output.logprobs[s.request_id] = result.logprobs
 
     def _sample(self, logits: torch.Tensor, chosen: list[ScheduledRequest], output: ModelRunnerOutput) -> None:
         """One token per request, or ``n`` from the same logits for a request about to fork;
