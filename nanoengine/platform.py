@@ -33,6 +33,12 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the name ``ModelConfig(dtype=...)``, logs and
+    benchmark records use."""
+    return str(dtype).removeprefix("torch.")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Map a dtype name to a torch dtype; ``"auto"`` picks bf16 only where it is native."""
     if name != "auto":

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from nanoengine.bench.datasets import load_jsonl_dataset, random_lengths, random_token_prompts
 from nanoengine.bench.machine import describe_machine
@@ -93,11 +92,6 @@ def engine_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     if "kv_cache_memory_bytes" in kwargs:
         kwargs["kv_cache_memory_bytes"] = parse_size(kwargs["kv_cache_memory_bytes"])
     return {**kwargs, **overrides}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``, as the result records spell it."""
-    return str(dtype).removeprefix("torch.")
 
 
 def write_result(path: Path | None, record: dict[str, Any]) -> None:

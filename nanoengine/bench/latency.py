@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanoengine.bench.common import add_fast_path_arg, add_speculative_arg, dtype_name, engine_kwargs, write_result
+from nanoengine.bench.common import add_fast_path_arg, add_speculative_arg, engine_kwargs, write_result
 from nanoengine.bench.datasets import load_jsonl_dataset, random_token_prompts
 from nanoengine.bench.stats import format_summary, percentiles, summary
 from nanoengine.config import ModelConfig
@@ -31,6 +31,7 @@ from nanoengine.engine.inputs import Prompt
 from nanoengine.engine.naive import NaiveEngine
 from nanoengine.model import load_model
 from nanoengine.model.loader import LoadedModel
+from nanoengine.platform import dtype_name
 from nanoengine.sampling_params import SamplingParams
 
 # engine name -> the NaiveEngine KV cache it runs on (the lessons' engines, in course order)
@@ -71,7 +72,6 @@ class BatchRun:
     first_token: list[float]
     finished: list[float]
     steps: list[tuple[float, int]]
-    num_steps: int
 
     @property
     def prefill_s(self) -> float:
@@ -111,10 +111,9 @@ def _one_run(engine, prompts: list[list[int]], output_len: int, tag: str) -> Bat
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", Prompt(None, prompt), params)
-    first, finished, steps, have, num_steps = {}, {}, [], {}, 0
+    first, finished, steps, have = {}, {}, [], {}
     while engine.has_unfinished_requests():
         outputs = engine.step()
-        num_steps += 1
         now = time.perf_counter() - start
         gained = 0
         for out in outputs:
@@ -126,7 +125,7 @@ def _one_run(engine, prompts: list[list[int]], output_len: int, tag: str) -> Bat
                 finished[out.request_id] = now
         if outputs:
             steps.append((now, gained))
-    return BatchRun(list(first.values()), list(finished.values()), steps, num_steps)
+    return BatchRun(list(first.values()), list(finished.values()), steps)
 
 
 def _engine(args: argparse.Namespace) -> tuple[object, LoadedModel]:
@@ -149,9 +148,10 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--output-len must be at least 2: decode starts after the first token")
     engine, loaded = _engine(args)
 
+    lines = load_jsonl_dataset(args.dataset_path) if args.dataset_path else []
+
     def prompts(iteration: int) -> list[list[int]]:
-        if args.dataset_path:  # iteration i takes the next --batch-size lines, cycling through the file
-            lines = load_jsonl_dataset(args.dataset_path)
+        if lines:  # iteration i takes the next --batch-size lines, cycling through the file
             first = iteration * args.batch_size
             chosen = [lines[(first + i) % len(lines)].prompt for i in range(args.batch_size)]
             return [p if isinstance(p, list) else loaded.tokenizer(p, add_special_tokens=False)["input_ids"]
@@ -211,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-HISTORY_RECORDED = 512  # verifications of the last run kept in the result, for lesson 10's plot
+HISTORY_RECORDED = 512  # the measured runs' latest verifications kept in the result, for lesson 10's plot
 
 
 def _spec_counts(engine) -> tuple[int, int, int]:
@@ -221,7 +221,7 @@ def _spec_counts(engine) -> tuple[int, int, int]:
 
 def _speculation_record(engine, before: tuple[int, int, int]) -> dict | None:
     """What speculation did during the measured runs (None: the engine did not speculate),
-    with the last run's verifications as ``[step, guesses, accepted]``."""
+    with their latest ``HISTORY_RECORDED`` verifications as ``[step, guesses, accepted]``."""
     drafts, guesses, accepted = (now - then for now, then in zip(_spec_counts(engine), before))
     if not drafts:
         return None

@@ -24,9 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from nanoengine.bench.common import dtype_name, write_result
+from nanoengine.bench.common import write_result
 from nanoengine.bench.datasets import random_token_prompts
 from nanoengine.bench.stats import format_summary, summary
+from nanoengine.platform import dtype_name
 from nanoengine.sampling_params import SamplingParams
 
 

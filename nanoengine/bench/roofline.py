@@ -16,6 +16,7 @@ import torch
 from transformers import PretrainedConfig
 
 from nanoengine.model.llama import head_dim_of
+from nanoengine.platform import dtype_name
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,7 +47,7 @@ def probe_machine(copy_mib: int = 256, matmul_size: int = 2048, repeats: int = 5
         a = torch.randn(matmul_size, matmul_size).to(dtype)
         b = torch.randn(matmul_size, matmul_size).to(dtype)
         seconds = _median_seconds(lambda: torch.mm(a, b), repeats)
-        rates[str(dtype).removeprefix("torch.")] = 2 * matmul_size**3 / seconds
+        rates[dtype_name(dtype)] = 2 * matmul_size**3 / seconds
     return MachineRates(copy_bytes_per_s=2 * src.nbytes / copy_s, matmul_flops_per_s=rates)
 
 

@@ -27,13 +27,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nanoengine.bench.common import (
-    add_fast_path_arg, add_workload_args, describe_workload, dtype_name, engine_kwargs, workload, workload_record,
+    add_fast_path_arg, add_workload_args, describe_workload, engine_kwargs, workload, workload_record,
     write_result,
 )
 from nanoengine.bench.hf_backend import hf_generate, load_hf_model
 from nanoengine.bench.stats import format_summary, summary
 from nanoengine.model.loader import resolve_model_path
 from nanoengine.outputs import RequestOutput
+from nanoengine.platform import dtype_name
 from nanoengine.sampling_params import SamplingParams
 
 # (prompt token ids, output length) of one request

@@ -24,7 +24,7 @@ from nanoengine.model import gguf_file
 from nanoengine.model.bundled import DEFAULT_MODEL, bundled_model_path, bundled_names
 from nanoengine.model.layers.onednn import onednn_packing_available, pack_linear_weights
 from nanoengine.model.registry import model_class_for
-from nanoengine.platform import keep_freed_memory_for_reuse, resolve_device, resolve_dtype
+from nanoengine.platform import dtype_name, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 
 logger = logging.getLogger("nanoengine")
 
@@ -112,7 +112,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     logger.info(
         "loaded %s (%s, %.1fM parameters) as %s on %s in %.1f s; max_model_len=%d%s",
         path.name, hf_config.architectures[0], loaded.num_parameters / 1e6,
-        str(dtype).removeprefix("torch."), device, time.perf_counter() - started, max_model_len,
+        dtype_name(dtype), device, time.perf_counter() - started, max_model_len,
         f"; fast path: {packed} weights prepacked for oneDNN" if config.fast_path else "",
     )
     return loaded

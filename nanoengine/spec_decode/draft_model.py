@@ -37,7 +37,6 @@ class EarlyExit:
             raise ValueError(f"draft_num_layers must be between 1 and the model's {total} layers; got {num_layers}")
         self.model = model
         self.num_layers = num_layers
-        self.config = model.config
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         return self.model(input_ids, positions, attn, num_layers=self.num_layers)

@@ -11,6 +11,7 @@ from nanoengine.attention.torch_paged import PagedKVCache
 from nanoengine.config import ModelConfig, SpeculativeConfig
 from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel, load_model
+from nanoengine.platform import dtype_name
 from nanoengine.spec_decode.draft_model import DraftModelProposer, EarlyExit
 from nanoengine.spec_decode.ngram import NgramProposer
 from nanoengine.spec_decode.proposer import Proposer
@@ -37,8 +38,7 @@ def load_draft(spec: SpeculativeConfig, target: LoadedModel) -> Draft | None:
         return None
     loaded = target
     if spec.model is not None:
-        dtype = str(target.dtype).removeprefix("torch.")
-        loaded = load_model(ModelConfig(model=spec.model, dtype=dtype, device=target.device.type,
+        loaded = load_model(ModelConfig(model=spec.model, dtype=dtype_name(target.dtype), device=target.device.type,
                                         fast_path=target.fast_path))
         if (loaded.hf_config.vocab_size != target.hf_config.vocab_size
                 or loaded.tokenizer.get_vocab() != target.tokenizer.get_vocab()):
@@ -48,12 +48,12 @@ def load_draft(spec: SpeculativeConfig, target: LoadedModel) -> Draft | None:
     return Draft(EarlyExit(loaded.model, num_layers), loaded, num_layers)
 
 
-def draft_kv_cache(draft: Draft, num_blocks: int, block_size: int, device: torch.device | str = "cpu") -> PagedKVCache:
+def draft_kv_cache(draft: Draft, num_blocks: int, block_size: int) -> PagedKVCache:
     """The draft's own KV pool: as many blocks as the target's (it is read through the
     target's block tables), with the draft's layers and heads."""
     config = draft.loaded.hf_config
     return PagedKVCache(draft.num_layers, num_blocks, block_size, config.num_key_value_heads, head_dim_of(config),
-                        draft.loaded.dtype, device)
+                        draft.loaded.dtype, draft.loaded.device)
 
 
 def build_proposer(
@@ -62,5 +62,5 @@ def build_proposer(
 ) -> Proposer:
     if spec.method == "ngram":
         return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
-    cache = draft_kv_cache(draft, num_blocks, block_size, draft.loaded.device)
+    cache = draft_kv_cache(draft, num_blocks, block_size)
     return DraftModelProposer(draft.model, cache, attention_fn, shared_generator)
