@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from nanoengine import chat
-from nanoengine.bench import kv_memory, latency, prefix_cache, progression, serve, throughput
+from nanoengine.bench import kv_memory, latency, perplexity, prefix_cache, progression, serve, throughput
 from nanoengine.server import launcher
+from nanoengine.quant.registry import quantization_methods
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +24,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="engine seed")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--quantization", "-q", choices=quantization_methods(), default=None,
+                   help="quantized weights (lesson 11); gguf runs a GGUF's own blocks")
     p.set_defaults(func=_generate)
 
 
@@ -31,7 +34,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p)
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed)
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+              quantization=args.quantization)
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
     else:
@@ -56,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     prefix_cache.add_parser(bench_commands)
     serve.add_parser(bench_commands)
     progression.add_parser(bench_commands)
+    perplexity.add_parser(bench_commands)
     return parser
 
 

@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+from nanoengine.quant.registry import check_quantization_name
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -27,6 +29,7 @@ class ModelConfig:
     existence is checked by the loader, which knows the bundled names. ``fast_path`` turns on
     lesson 15's speed-ups (prepacked oneDNN weights on a bf16 CPU, the fast attention
     backend); off, the model runs the reference path the correctness tests use.
+    ``quantization`` names a lesson-11 method (``nanoengine.quant.registry``) or is None.
     """
 
     model: str | None = None
@@ -35,6 +38,7 @@ class ModelConfig:
     seed: int = 0
     device: str = "auto"
     fast_path: bool = False
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, (str, Path)):
@@ -51,6 +55,7 @@ class ModelConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if not isinstance(self.fast_path, bool):
             raise ValueError(f"fast_path must be a bool; got {self.fast_path!r}")
+        check_quantization_name(self.quantization)
 
 
 def _positive_int(name: str, value: object, allow_none: bool = False) -> None:

@@ -57,9 +57,11 @@ class LLM:
         trace: bool = False,
         fast_path: bool = True,
         speculative_config: dict | None = None,
+        quantization: str | None = None,
     ) -> None:
         self.model_config = ModelConfig(
-            model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device, fast_path=fast_path
+            model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device, fast_path=fast_path,
+            quantization=quantization,
         )
         cache = CacheConfig(block_size, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching)
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)

@@ -14,6 +14,7 @@ from typing import Any
 from nanoengine.bench.datasets import load_jsonl_dataset, random_lengths, random_token_prompts
 from nanoengine.bench.machine import describe_machine
 from nanoengine.config import parse_size, speculative_config_flag
+from nanoengine.quant.registry import quantization_methods
 
 # flag (argparse dest) -> LLM keyword; a command passes those of its flags that it has, so a
 # new engine option is one line here and one add_argument in each command that offers it
@@ -28,6 +29,7 @@ _ENGINE_FLAGS = {
     "enable_prefix_caching": "enable_prefix_caching",
     "fast_path": "fast_path",
     "speculative_config": "speculative_config",
+    "quantization": "quantization",
 }
 
 
@@ -48,6 +50,13 @@ def add_fast_path_arg(p: argparse.ArgumentParser) -> None:
     """``--fast-path`` (default) / ``--no-fast-path``: lesson 15's kernels or the reference path."""
     p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
                    help="lesson 15's fast kernels (--no-fast-path: the reference path)")
+
+
+def add_quantization_arg(p: argparse.ArgumentParser) -> None:
+    """``--quantization METHOD``, as ``vllm serve`` spells it (lesson 11)."""
+    p.add_argument("--quantization", "-q", choices=quantization_methods(), default=None,
+                   help="quantized weights: int8/int4/fp8 on the fly, gguf runs a GGUF's own blocks "
+                        "(gptq/awq checkpoints are detected)")
 
 
 def add_speculative_arg(p: argparse.ArgumentParser) -> None:

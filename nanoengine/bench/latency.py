@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from nanoengine.bench.common import add_fast_path_arg, add_speculative_arg, engine_kwargs, write_result
+from nanoengine.bench.common import (
+    add_fast_path_arg, add_quantization_arg, add_speculative_arg, engine_kwargs, write_result,
+)
 from nanoengine.bench.datasets import load_jsonl_dataset, random_token_prompts
 from nanoengine.bench.stats import format_summary, percentiles, summary
 from nanoengine.config import ModelConfig
@@ -58,6 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help='JSONL of {"prompt": text} or {"prompt_token_ids": [...]} instead of random ids: iteration '
                         "i runs lines i*B .. i*B+B-1 (B = --batch-size, cycling through the file); --input-len is ignored")
     add_speculative_arg(p)
+    add_quantization_arg(p)
     add_fast_path_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=Path, default=None, help="write every measurement here")
@@ -139,7 +142,7 @@ def _engine(args: argparse.Namespace) -> tuple[object, LoadedModel]:
         raise ValueError(f"--batch-size {args.batch_size} needs --engine llm; {args.engine} runs one request at a time")
     if args.speculative_config is not None:
         raise ValueError(f"--speculative-config needs --engine llm; {args.engine} does not speculate")
-    loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, seed=args.seed))
+    loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, seed=args.seed, quantization=args.quantization))
     return NaiveEngine(loaded, kv_cache=ENGINES[args.engine], block_size=args.block_size, seed=args.seed), loaded
 
 
@@ -177,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
     request_latency = {"mean": statistics.fmean(requests), **percentiles(requests, LATENCY_PERCENTILES)}
     steps_ms = [statistics.median(step) * 1e3 for step in zip(*(r.decode_step_s for r in runs))]
     print(f"engine={args.engine} model={loaded.path.name} dtype={dtype_name(loaded.dtype)} "
-          f"batch_size={args.batch_size} "
+          f"quantization={loaded.quantization} weights={loaded.weight_bytes / 1e6:.1f} MB batch_size={args.batch_size} "
           f"{f'dataset={args.dataset_path}' if args.dataset_path else f'input_len={args.input_len}'} "
           f"output_len={args.output_len}")
     print(format_summary("end-to-end latency", latency, "s"))
@@ -193,6 +196,8 @@ def main(args: argparse.Namespace) -> int:
     write_result(args.result_json, {
         "model": loaded.path.name,
         "dtype": dtype_name(loaded.dtype),
+        "quantization": loaded.quantization,
+        "weight_bytes": loaded.weight_bytes,
         "engine": args.engine,
         "batch_size": args.batch_size,
         "input_len": args.input_len,

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nanoengine.bench.common import (
-    add_fast_path_arg, add_workload_args, describe_workload, engine_kwargs, workload, workload_record,
+    add_fast_path_arg, add_quantization_arg, add_workload_args, describe_workload, engine_kwargs, workload, workload_record,
     write_result,
 )
 from nanoengine.bench.hf_backend import hf_generate, load_hf_model
@@ -63,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-iters", type=int, default=3)
     p.add_argument("--dtype", default="auto")
     add_fast_path_arg(p)
+    add_quantization_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=Path, default=None)
     p.set_defaults(func=main)

@@ -9,10 +9,15 @@ nanoengine sees the same model a safetensors directory would give.
 One wrinkle: for the ``llama`` architecture, llama.cpp's converter permutes the rows of
 ``q_proj`` and ``k_proj`` (its RoPE pairs adjacent dimensions, HF's pairs the two halves);
 :func:`unpermute_rope_rows` undoes it.
+
+Run natively (``quantization="gguf"``, lesson 11), the block-quantized tensors are not
+dequantized here: they come out as :class:`GGUFBlocks`, the file's bytes one matrix row per
+row, and ``nanoengine.quant.gguf`` turns them into the weights the layers run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,12 +113,42 @@ def hf_tensor_name(gguf_name: str) -> str:
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart known to nanoengine")
 
 
+# Types kept as float even when a file runs natively: there is nothing to gain from blocks.
+_FLOAT_TYPES = frozenset(
+    {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFBlocks:
+    """A block-quantized tensor as the file stores it, for running natively.
+
+    ``data`` is uint8 ``[rows, bytes_per_row]``: row ``i`` holds the blocks of the matrix's
+    row ``i``, because GGUF blocks run along the last (input) dimension; so permuting or
+    slicing whole rows of the bytes does the same to the matrix. ``shape`` is the HF shape
+    ``[rows, cols]``; ``name`` the GGUF name, for messages.
+    """
+
+    name: str
+    qtype: gguf.GGMLQuantizationType
+    data: np.ndarray
+    shape: tuple[int, ...]
+
+
+def _hf_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(tensor.shape))
+
+
 def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
     """A tensor's values as float32, in HF's (row-major, reversed GGUF) shape."""
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    shape = tuple(int(d) for d in reversed(tensor.shape))
     # np.array copies: unquantized tensors come back as read-only views of the memory map.
-    return np.array(values, dtype=np.float32).reshape(shape)
+    return np.array(values, dtype=np.float32).reshape(_hf_shape(tensor))
+
+
+def dequantize_rows(tensor: gguf.ReaderTensor, count: int) -> np.ndarray:
+    """The first ``count`` rows of a matrix as float32 ``[count, cols]``, without the rest."""
+    return np.array(gguf.quants.dequantize(tensor.data[:count], tensor.tensor_type), dtype=np.float32)
 
 
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -123,14 +158,21 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return per_head.swapaxes(1, 2).reshape(weight.shape)
 
 
-def iter_gguf_weights(reader: gguf.GGUFReader, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor dequantized to float32 under its HF name (q/k rows un-permuted for llama)."""
+def iter_gguf_weights(
+    reader: gguf.GGUFReader, config: PretrainedConfig, native: bool = False
+) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+    """Every tensor under its HF name (q/k rows un-permuted for llama), dequantized to float32;
+    with ``native``, every block-quantized tensor comes as :class:`GGUFBlocks` instead."""
     permuted = gguf_architecture(reader) == "llama"
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
-        values = dequantize(tensor)
+        as_blocks = native and tensor.tensor_type not in _FLOAT_TYPES
+        values = tensor.data if as_blocks else dequantize(tensor)
         if permuted and name.endswith("self_attn.q_proj.weight"):
             values = unpermute_rope_rows(values, config.num_attention_heads)
         elif permuted and name.endswith("self_attn.k_proj.weight"):
             values = unpermute_rope_rows(values, config.num_key_value_heads)
-        yield name, torch.from_numpy(values)
+        if as_blocks:
+            yield name, GGUFBlocks(tensor.name, tensor.tensor_type, values, _hf_shape(tensor))
+        else:
+            yield name, torch.from_numpy(values)

@@ -12,6 +12,7 @@ so Qwen2 and Qwen3 are subclasses of a few lines in ``qwen.py``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,10 @@ from nanoengine.model.layers.embedding import LMHead, VocabEmbedding
 from nanoengine.model.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
 from nanoengine.model.layers.norm import RMSNorm
 from nanoengine.model.layers.rotary import RotaryEmbedding, rotate
+from nanoengine.quant.base import QuantizationConfig, linear_method_for
+
+if TYPE_CHECKING:
+    from nanoengine.model.gguf_file import GGUFBlocks
 
 # (cos, sin) of every token's position, [T, 1, head_dim]: looked up once per forward.
 RopeTables = tuple[torch.Tensor, torch.Tensor]
@@ -44,6 +49,8 @@ class LlamaAttention(nn.Module):
         qkv_bias: bool,
         o_bias: bool,
         qk_norm: bool,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -52,9 +59,13 @@ class LlamaAttention(nn.Module):
         self.head_dim = head_dim_of(config)
         self.scale = self.head_dim**-0.5
         self.qkv_proj = QKVLinear(
-            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias, dtype
+            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias, dtype,
+            linear_method_for(quant_config, f"{prefix}.qkv_proj"),
         )
-        self.o_proj = RowLinear(self.num_heads * self.head_dim, config.hidden_size, o_bias, dtype)
+        self.o_proj = RowLinear(
+            self.num_heads * self.head_dim, config.hidden_size, o_bias, dtype,
+            linear_method_for(quant_config, f"{prefix}.o_proj"),
+        )
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
@@ -80,14 +91,24 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate and up in one matmul."""
 
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        dtype: torch.dtype,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported by the Llama family")
         bias = getattr(config, "mlp_bias", False)
         inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnLinear(config.hidden_size, [inter, inter], bias, dtype)
-        self.down_proj = RowLinear(inter, config.hidden_size, bias, dtype)
+        self.gate_up_proj = MergedColumnLinear(
+            config.hidden_size, [inter, inter], bias, dtype, linear_method_for(quant_config, f"{prefix}.gate_up_proj")
+        )
+        self.down_proj = RowLinear(
+            inter, config.hidden_size, bias, dtype, linear_method_for(quant_config, f"{prefix}.down_proj")
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -104,13 +125,17 @@ class LlamaDecoderLayer(nn.Module):
         dtype: torch.dtype,
         qkv_bias: bool,
         qk_norm: bool,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
+        prefix = f"model.layers.{layer_idx}"
         o_bias = getattr(config, "attention_bias", False)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, layer_idx, dtype, qkv_bias, o_bias, qk_norm)
+        self.self_attn = LlamaAttention(
+            config, layer_idx, dtype, qkv_bias, o_bias, qk_norm, quant_config, f"{prefix}.self_attn"
+        )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, dtype)
+        self.mlp = LlamaMLP(config, dtype, quant_config, f"{prefix}.mlp")
 
     def forward(self, rope: RopeTables, hidden: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), attn)
@@ -121,13 +146,20 @@ class LlamaModel(nn.Module):
     """Embedding, the decoder stack and the final norm (HF's ``model.*`` parameters)."""
 
     def __init__(
-        self, config: PretrainedConfig, dtype: torch.dtype, max_positions: int, qkv_bias: bool, qk_norm: bool
+        self,
+        config: PretrainedConfig,
+        dtype: torch.dtype,
+        max_positions: int,
+        qkv_bias: bool,
+        qk_norm: bool,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
         self.rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, dtype, qkv_bias, qk_norm) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, dtype, qkv_bias, qk_norm, quant_config)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -163,11 +195,17 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "1"),
     }
 
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, max_positions: int) -> None:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        dtype: torch.dtype,
+        max_positions: int,
+        quant_config: QuantizationConfig | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         qkv_bias = self.qkv_bias if self.qkv_bias is not None else getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, dtype, max_positions, qkv_bias, self.qk_norm)
+        self.model = LlamaModel(config, dtype, max_positions, qkv_bias, self.qk_norm, quant_config)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied)
 
@@ -179,8 +217,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Fill every parameter from checkpoint tensors named as in Hugging Face.
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFBlocks]]) -> None:
+        """Fill every parameter from checkpoint tensors named as in Hugging Face (a GGUF file run
+        natively sends its quantized tensors as blocks, which the layers' loaders keep).
 
         Strict both ways: an unknown checkpoint name or a parameter left unloaded raises,
         naming them, so a wrong mapping can never pass silently.

@@ -9,6 +9,7 @@ the tokenizer (with its chat template) through transformers.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from nanoengine.model import gguf_file
 from nanoengine.model.bundled import DEFAULT_MODEL, bundled_model_path, bundled_names
 from nanoengine.model.layers.onednn import onednn_packing_available, pack_linear_weights
 from nanoengine.model.registry import model_class_for
+from nanoengine.quant.registry import resolve_quantization
 from nanoengine.platform import dtype_name, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 
 logger = logging.getLogger("nanoengine")
@@ -36,7 +38,8 @@ class LoadedModel:
     ``max_model_len`` is the longest sequence (prompt + output) the engine will accept;
     ``eos_token_ids`` are every token that ends generation unless ``ignore_eos``;
     ``fast_path``: the model was prepared for lesson 15's fast path, and the engine should
-    pick its fast kernels too.
+    pick its fast kernels too; ``quantization``: the lesson-11 method its linear layers run
+    (None: plain weights in ``dtype``).
     """
 
     model: torch.nn.Module
@@ -48,10 +51,17 @@ class LoadedModel:
     max_model_len: int
     eos_token_ids: frozenset[int]
     fast_path: bool = False
+    quantization: str | None = None
 
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor the model holds (parameters and buffers, shared ones once):
+        the weights' resident memory, quantized or not, packed copies included."""
+        return tensor_bytes(self.model)
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -79,15 +89,20 @@ def load_model(config: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     reader = gguf_file.open_gguf(path) if path.suffix == ".gguf" else None
     hf_config = gguf_file.gguf_to_hf_config(reader) if reader else AutoConfig.from_pretrained(path)
+    quant_config = resolve_quantization(config.quantization, hf_config, is_gguf=reader is not None)
     max_model_len = max_model_len_for(hf_config, config.max_model_len)
     model_class = model_class_for(hf_config)
     with torch.device(device):
-        model = model_class(hf_config, dtype, max_model_len)
+        model = model_class(hf_config, dtype, max_model_len, quant_config)
     weights, count = (
-        (gguf_file.iter_gguf_weights(reader, hf_config), len(reader.tensors)) if reader else _iter_safetensors(path)
+        (gguf_file.iter_gguf_weights(reader, hf_config, native=quant_config is not None and quant_config.name == "gguf"),
+         len(reader.tensors))
+        if reader
+        else _iter_safetensors(path)
     )
     with torch.no_grad():
         model.load_weights(tqdm(weights, total=count, desc="Loading weights", leave=False, disable=count < 50))
+        process_weights_after_loading(model)
     model.eval()
     packed = 0
     if config.fast_path and onednn_packing_available(dtype, device):
@@ -108,14 +123,36 @@ def load_model(config: ModelConfig) -> LoadedModel:
         max_model_len=max_model_len,
         eos_token_ids=_eos_token_ids(path, hf_config, tokenizer),
         fast_path=config.fast_path,
+        quantization=quant_config.name if quant_config is not None else None,
     )
     logger.info(
-        "loaded %s (%s, %.1fM parameters) as %s on %s in %.1f s; max_model_len=%d%s",
-        path.name, hf_config.architectures[0], loaded.num_parameters / 1e6,
-        dtype_name(dtype), device, time.perf_counter() - started, max_model_len,
+        "loaded %s (%s) as %s%s on %s in %.1f s: %.1f MB of weights; max_model_len=%d%s",
+        path.name, hf_config.architectures[0], dtype_name(dtype),
+        f" with {loaded.quantization} weights" if loaded.quantization else "",
+        device, time.perf_counter() - started, loaded.weight_bytes / 1e6, max_model_len,
         f"; fast path: {packed} weights prepacked for oneDNN" if config.fast_path else "",
     )
     return loaded
+
+
+def process_weights_after_loading(model: torch.nn.Module) -> None:
+    """Let every layer's method turn its loaded tensors into what it runs on (lesson 11)."""
+    for module in model.modules():
+        method = getattr(module, "linear_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        key = id(tensor) if tensor.is_mkldnn else tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def load_hf_config(model: str | Path | None) -> PretrainedConfig:

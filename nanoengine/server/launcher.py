@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from nanoengine.config import DTYPES, parse_size, speculative_config_flag
+from nanoengine.quant.registry import quantization_methods
 
 logger = logging.getLogger("nanoengine")
 
@@ -48,6 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
                    help="lesson 15's fast kernels (off: the reference path)")
+    p.add_argument("--quantization", "-q", choices=quantization_methods(), default=None,
+                   help="quantized weights (lesson 11): int8/int4/fp8 on the fly, gguf runs a GGUF's own blocks; "
+                        "gptq/awq checkpoints are detected")
     p.add_argument("--speculative-config", type=speculative_config_flag, default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (lesson 10)')
     p.add_argument("--seed", type=int, default=0, help="engine seed")
@@ -65,7 +69,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                   kv_cache_memory_bytes=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
                   enable_chunked_prefill=args.enable_chunked_prefill, fast_path=args.fast_path,
-                  speculative_config=args.speculative_config)
+                  speculative_config=args.speculative_config, quantization=args.quantization)
     if args.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     return kwargs

@@ -22,6 +22,13 @@ from nanoengine.viz.gantt import gantt_states, scheduler_gantt
 from nanoengine.viz.kernel import kernel_thread_mapping
 from nanoengine.viz.memory import paged_vs_contiguous
 from nanoengine.viz.prefix_tree import cache_hits_per_request, prefix_tree, prefix_tree_nodes
+from nanoengine.viz.quantization import (
+    LESSON11_FORMATS,
+    format_errors,
+    quantization_error_histogram,
+    quantization_tradeoff,
+    tradeoff_row,
+)
 from nanoengine.viz.request_life import RequestLife, request_lives
 from nanoengine.viz.sampling_effects import sampling_distributions, sampling_effects
 from nanoengine.viz.speculation import accepted_per_step, speculation_speedup
@@ -34,6 +41,7 @@ __all__ = [
     "example_paging_manager", "example_paging_trace", "example_prefix_manager", "example_prefix_trace",
     "example_scheduler_trace", "explore", "gantt_states", "kernel_thread_mapping", "kv_cache_speed",
     "model_anatomy", "paged_vs_contiguous", "parameter_counts", "prefix_tree", "prefix_tree_nodes", "progression_chart",
+    "quantization_error_histogram", "quantization_tradeoff", "tradeoff_row", "LESSON11_FORMATS", "format_errors",
     "request_lives", "RequestLife", "sampling_distributions", "sampling_effects", "save_figure",
     "scheduler_gantt", "slot_states", "speculation_speedup", "token_timeline", "trace_colors",
 ]

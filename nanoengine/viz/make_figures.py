@@ -16,9 +16,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from nanoengine.model import load_hf_config  # noqa: E402
+import torch  # noqa: E402
+
+from nanoengine.model import gguf_file, load_hf_config  # noqa: E402
+from nanoengine.model.bundled import DEFAULT_MODEL, bundled_model_path  # noqa: E402
 from nanoengine.trace import replay  # noqa: E402
 from nanoengine.viz import (  # noqa: E402
+    LESSON11_FORMATS,
     accepted_per_step,
     batching_throughput,
     beam_tree,
@@ -30,18 +34,22 @@ from nanoengine.viz import (  # noqa: E402
     example_paging_trace,
     example_prefix_trace,
     example_scheduler_trace,
+    format_errors,
     kernel_thread_mapping,
     kv_cache_speed,
     model_anatomy,
     paged_vs_contiguous,
     prefix_tree,
     progression_chart,
+    quantization_error_histogram,
+    quantization_tradeoff,
     sampling_effects,
     save_figure,
     scheduler_gantt,
     speculation_speedup,
     token_timeline,
     trace_colors,
+    tradeoff_row,
 )
 from nanoengine.viz.examples import BEAM_PROMPT, BEAM_VOCAB, EXAMPLE_VOCAB  # noqa: E402
 
@@ -64,6 +72,8 @@ GALLERY = [
     ("beam_tree.png", "09", "A beam search as a trie: the beams kept at each step, with their log-probabilities."),
     ("spec_accepted_per_step.png", "10", "Prompt lookup on the copy task at batch 1: each verification's guesses and accepted tokens."),
     ("spec_speedup_by_batch.png", "10", "Decode speed with prompt lookup over without, as the batch grows: where speculation stops paying."),
+    ("quantization_errors.png", "11", "The error int8, int4 and FP8 leave in SmolLM2's embedding rows, per weight."),
+    ("quantization_tradeoff.png", "11", "Per format: weight memory, decode speed at batch 1 and 32, and perplexity of the course text."),
     ("progression.png", "15", "One workload through every engine of the course, lesson 01's loop to the fast path."),
 ]
 
@@ -84,6 +94,14 @@ def gallery_markdown() -> str:
 def _bench(name: str) -> dict | None:
     path = ROOT / "docs" / "bench" / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _embedding_error_histogram():
+    """Lesson 11: int8, int4 and FP8 on SmolLM2's first 4096 embedding rows (stored as Q8_0)."""
+    reader = gguf_file.open_gguf(bundled_model_path(DEFAULT_MODEL))
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    rows = torch.from_numpy(gguf_file.dequantize_rows(tensor, 4096))
+    return quantization_error_histogram(rows, format_errors(rows), "SmolLM2's first 4096 embedding rows")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     if plain and speculative:
         written.append(save_figure(speculation_speedup(plain, {"prompt lookup, k = 4": speculative}),
                                    args.out / "spec_speedup_by_batch.png"))
+    written.append(save_figure(_embedding_error_histogram(), args.out / "quantization_errors.png"))
+    rows = [tradeoff_row(label, ppl, latency) for label, key in LESSON11_FORMATS
+            if (ppl := _bench(f"l11_ppl_{key}")) and (latency := [r for b in (1, 32) if (r := _bench(f"l11_decode_{key}_b{b}"))])]
+    if rows:
+        written.append(save_figure(quantization_tradeoff(rows), args.out / "quantization_tradeoff.png"))
     progression = _bench("l15_progression")
     if progression:
         written.append(save_figure(progression_chart(progression), args.out / "progression.png"))

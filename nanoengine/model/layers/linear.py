@@ -21,18 +21,68 @@ from torch import nn
 
 
 class LinearMethod(Protocol):
-    """How a linear layer stores and applies its weight (plain, or quantized later)."""
+    """How a linear layer stores, loads and applies its weight (plain, or quantized: lesson 11).
+
+    ``create_weights`` registers the parameters a checkpoint fills (for a quantized checkpoint
+    these are its own tensors: ``qweight``, ``scales``…); ``load_weight`` copies one checkpoint
+    tensor (or one shard of a fused layer) into them; ``process_weights_after_loading`` turns
+    the loaded tensors into what ``apply`` runs on (packed for a kernel, quantized on the fly).
+    """
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None: ...
+
+    def load_weight(self, layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None) -> None: ...
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None: ...
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
 
-class UnquantizedLinearMethod:
-    """The plain path: a dense ``[output_size, input_size]`` weight and ``F.linear``."""
+def mark_sharded(param: nn.Parameter, output_dim: int, pack_factor: int = 1) -> nn.Parameter:
+    """Say how a fused layer's shards split ``param``: along ``output_dim``, where each stored
+    element holds ``pack_factor`` outputs (GPTQ's qzeros pack 8 int4 values per int32).
+
+    A parameter left unmarked is the same for every shard (GPTQ's ``g_idx``) and is loaded whole.
+    """
+    param.output_dim, param.pack_factor = output_dim, pack_factor
+    return param
+
+
+def load_sharded(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None) -> None:
+    """Copy a checkpoint tensor into ``param``, or into the slice of it that ``shard_id`` owns."""
+    target = param.data
+    output_dim = getattr(param, "output_dim", None)
+    if shard_id is not None and output_dim is not None:
+        start, size = layer.shard_offsets[shard_id]
+        pack = param.pack_factor
+        if start % pack or size % pack:
+            raise ValueError(f"shard {shard_id!r} of {type(layer).__name__} does not align with {pack}-value packing")
+        target = target.narrow(output_dim, start // pack, size // pack)
+    _copy_checked(target, loaded)
+
+
+class LinearMethodBase:
+    """Loading that fits most methods (:func:`load_sharded`); nothing to do after loading."""
+
+    def load_weight(self, layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None) -> None:
+        load_sharded(layer, param, loaded, shard_id)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+
+class FloatWeightMethod(LinearMethodBase):
+    """A method that loads a dense float ``weight [output_size, input_size]`` from the checkpoint
+    (the plain method keeps it; lesson 11's on-the-fly methods quantize it after loading)."""
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None:
-        layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+        layer.weight = mark_sharded(
+            nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False), output_dim=0
+        )
+
+
+class UnquantizedLinearMethod(FloatWeightMethod):
+    """The plain path: the dense weight and ``F.linear``."""
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
@@ -63,14 +113,22 @@ class LinearBase(nn.Module):
         self.input_size, self.output_size, self.tp_size = input_size, output_size, tp_size
         self.linear_method = linear_method or UnquantizedLinearMethod()
         self.linear_method.create_weights(self, input_size, output_size, dtype)
-        self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype), requires_grad=False) if bias else None
+        self.bias = (
+            mark_sharded(nn.Parameter(torch.zeros(output_size, dtype=dtype), requires_grad=False), output_dim=0)
+            if bias
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_method.apply(self, x, self.bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
-        """Copy a checkpoint tensor into ``param``, refusing a shape that does not fit."""
-        _copy_checked(param.data, loaded)
+        """Copy a checkpoint tensor into ``param``, refusing a shape that does not fit; the
+        method loads its own parameters (a quantized checkpoint's tensors may need more care)."""
+        if param is self.bias:
+            load_sharded(self, param, loaded, shard_id)
+        else:
+            self.linear_method.load_weight(self, param, loaded, shard_id)
 
 
 class ColumnLinear(LinearBase):
@@ -89,8 +147,7 @@ class _FusedColumnLinear(ColumnLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
         if shard_id is None:
             raise ValueError(f"{type(self).__name__} loads its weight in shards {list(self.shard_offsets)}")
-        start, size = self.shard_offsets[shard_id]
-        _copy_checked(param.data.narrow(0, start, size), loaded)
+        super().weight_loader(param, loaded, shard_id)
 
 
 class QKVLinear(_FusedColumnLinear):

@@ -10,8 +10,8 @@ kernel runs) without the per-call copy.
 ``pack_linear_weights(model)`` swaps the :class:`~nanoengine.model.layers.linear.LinearMethod`
 of every plain bf16 linear layer (and the LM head) for :class:`OneDNNPackedLinearMethod`.
 Invariant after packing: a packed layer holds ``packed_weight`` (an opaque oneDNN tensor,
-``[out, in]``) and keeps its dense ``weight`` for anything that reads it (loaders, the
-embedding the LM head is tied to), at the cost of a second copy of the weights in RAM.
+``[out, in]``) and no dense ``weight``, so the weights are in RAM once. A tied LM head is the
+exception: its dense matrix stays, as the embedding's, beside the packed copy.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanoengine.model.layers.linear import UnquantizedLinearMethod
+from nanoengine.model.layers.linear import LinearMethodBase, UnquantizedLinearMethod
 
 
 def onednn_packing_available(dtype: torch.dtype, device: torch.device) -> bool:
@@ -27,7 +27,7 @@ def onednn_packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
-class OneDNNPackedLinearMethod:
+class OneDNNPackedLinearMethod(LinearMethodBase):
     """Applies a weight prepacked by ``torch.ops.mkldnn._reorder_linear_weight``."""
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None:
@@ -50,6 +50,7 @@ def pack_linear_weights(model: nn.Module) -> int:
             module.register_buffer(
                 "packed_weight", torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1), persistent=False
             )
+            del module.weight  # a tied head's matrix lives on in the embedding
             module.linear_method = OneDNNPackedLinearMethod()
             packed += 1
     # END SOLUTION
