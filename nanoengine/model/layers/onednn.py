@@ -10,8 +10,8 @@ kernel runs) without the per-call copy.
 ``pack_linear_weights(model)`` swaps the :class:`~nanoengine.model.layers.linear.LinearMethod`
 of every plain bf16 linear layer (and the LM head) for :class:`OneDNNPackedLinearMethod`.
 Invariant after packing: a packed layer holds ``packed_weight`` (an opaque oneDNN tensor,
-``[out, in]``) and no dense ``weight``, so the weights are in RAM once. A tied LM head is the
-exception: its dense matrix stays, as the embedding's, beside the packed copy.
+``[out, in]``) and keeps its dense ``weight`` for anything that reads it (loaders, the
+embedding the LM head is tied to), at the cost of a second copy of the weights in RAM.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ def pack_linear_weights(model: nn.Module) -> int:
             module.register_buffer(
                 "packed_weight", torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1), persistent=False
             )
-            del module.weight  # a tied head's matrix lives on in the embedding
             module.linear_method = OneDNNPackedLinearMethod()
             packed += 1
     # END SOLUTION
