@@ -139,16 +139,14 @@ def _hf_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(tensor.shape))
 
 
-def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
-    """A tensor's values as float32, in HF's (row-major, reversed GGUF) shape."""
-    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+def dequantize(tensor: gguf.ReaderTensor, rows: int | None = None) -> np.ndarray:
+    """A tensor's values (or its first ``rows`` rows) as float32, in HF's (row-major, reversed
+    GGUF) shape."""
+    shape = _hf_shape(tensor)
+    data = tensor.data if rows is None else tensor.data[:rows]
+    values = gguf.quants.dequantize(data, tensor.tensor_type)
     # np.array copies: unquantized tensors come back as read-only views of the memory map.
-    return np.array(values, dtype=np.float32).reshape(_hf_shape(tensor))
-
-
-def dequantize_rows(tensor: gguf.ReaderTensor, count: int) -> np.ndarray:
-    """The first ``count`` rows of a matrix as float32 ``[count, cols]``, without the rest."""
-    return np.array(gguf.quants.dequantize(tensor.data[:count], tensor.tensor_type), dtype=np.float32)
+    return np.array(values, dtype=np.float32).reshape(shape if rows is None else (-1, *shape[1:]))
 
 
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:

@@ -56,7 +56,7 @@ class Int4Weight(nn.Module):
         n, k = codes.shape
         if k % group_size or k % 2:
             raise ValueError(f"input size {k} is not an even multiple of the group size {group_size}")
-        self.group_size, self.dtype = group_size, dtype
+        self.group_size = group_size
         self.use_kernel = kernel_applies(n, group_size, codes.device, dtype)
         if self.use_kernel:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)

@@ -100,7 +100,7 @@ def _embedding_error_histogram():
     """Lesson 11: int8, int4 and FP8 on SmolLM2's first 4096 embedding rows (stored as Q8_0)."""
     reader = gguf_file.open_gguf(bundled_model_path(DEFAULT_MODEL))
     tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    rows = torch.from_numpy(gguf_file.dequantize_rows(tensor, 4096))
+    rows = torch.from_numpy(gguf_file.dequantize(tensor, rows=4096))
     return quantization_error_histogram(rows, format_errors(rows), "SmolLM2's first 4096 embedding rows")
 
 
