@@ -14,6 +14,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 
+from nanoengine.course.check import COLLECT_ONLY_VARIABLE
+
 # numba reads this once, when first imported: without a GPU, numba.cuda kernels (lesson 05)
 # run on the CUDA simulator. setdefault leaves an explicit choice alone.
 if not torch.cuda.is_available():
@@ -39,6 +41,9 @@ settings.load_profile("ci")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The notebooks this session executes inherit it: their check() cells only collect, as
+    # this session runs the tests (a learner's Jupyter has no such variable and runs them).
+    os.environ[COLLECT_ONLY_VARIABLE] = "1"
     for lesson in range(NUM_LESSONS):
         config.addinivalue_line("markers", f"l{lesson:02d}: lesson {lesson:02d}")
         for task in range(1, TASKS_PER_LESSON + 1):

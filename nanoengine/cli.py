@@ -8,6 +8,7 @@ import sys
 from nanoengine import chat
 from nanoengine.bench import kv_memory, latency, perplexity, prefix_cache, progression, serve, throughput
 from nanoengine.server import launcher
+from nanoengine.parallel.launch import add_parallel_arguments, parallel_kwargs
 from nanoengine.quant.registry import quantization_methods
 
 
@@ -26,6 +27,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--quantization", "-q", choices=quantization_methods(), default=None,
                    help="quantized weights (lesson 11); gguf runs a GGUF's own blocks")
+    add_parallel_arguments(p)
     p.set_defaults(func=_generate)
 
 
@@ -35,11 +37,12 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p)
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-              quantization=args.quantization)
+              quantization=args.quantization, **parallel_kwargs(args))
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
     else:
         outputs = llm.generate(args.prompt, params)
+    llm.shutdown()
     for prompt, out in zip(args.prompt, outputs):
         print(f"--- {prompt!r} ({out.outputs[0].finish_reason}, {len(out.outputs[0].token_ids)} tokens)")
         print(out.outputs[0].text)

@@ -2,8 +2,8 @@
 
 Every check happens in ``__post_init__`` so that a bad argument fails at ``LLM(...)`` with a
 message naming the argument, before any weights are read. The engine is built from a
-:class:`ModelConfig`, a :class:`CacheConfig` and a :class:`SchedulerConfig` (later lessons
-add parallel ones).
+:class:`ModelConfig`, a :class:`CacheConfig` and a :class:`SchedulerConfig`, and spread over
+ranks by a :class:`ParallelConfig` (lesson 12).
 """
 
 from __future__ import annotations
@@ -124,6 +124,44 @@ class SchedulerConfig:
                 )
             return self.max_num_batched_tokens
         return max(2048, self.max_num_seqs) if self.enable_chunked_prefill else max(max_model_len, self.max_num_seqs)
+
+
+EXECUTOR_BACKENDS = ("mp", "torchrun")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    """How many ranks share the model, and how they start (lesson 12).
+
+    ``tensor_parallel_size`` ranks split every layer; ``pipeline_parallel_size`` stages split
+    the stack of layers; one engine drives ``tensor_parallel_size * pipeline_parallel_size``
+    ranks (its ``world_size``). ``data_parallel_size`` engines, each with its own world, serve
+    behind one server (``nanoengine serve`` balances requests across them).
+    ``distributed_executor_backend``: ``"mp"`` spawns the ranks on this machine;
+    ``"torchrun"`` joins ranks that torchrun started, on this machine or several.
+    ``timeout_s``: how long a rank waits for the others in a collective before giving up.
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        _positive_int("pipeline_parallel_size", self.pipeline_parallel_size)
+        _positive_int("data_parallel_size", self.data_parallel_size)
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}; "
+                             f"got {self.distributed_executor_backend!r}")
+        if not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds; got {self.timeout_s!r}")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks per engine (data-parallel replicas each have their own)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 SPECULATIVE_METHODS = ("ngram", "draft_model")

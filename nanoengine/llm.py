@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from nanoengine.config import CacheConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from nanoengine.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from nanoengine.engine.inputs import check_params_for_model, params_per_prompt, parse_prompts, render_chat
 from nanoengine.engine.llm_engine import LLMEngine
 from nanoengine.model import load_model
 from nanoengine.outputs import RequestOutput
+from nanoengine.parallel.launch import start_parallel
 from nanoengine.sampling.beam_search import (
     BeamSearchOutput, BeamSearchParams, BeamSearchSequence, best_beams, expand_beams,
 )
@@ -37,6 +38,9 @@ class LLM:
     kernels; ``fast_path=False`` runs the reference path, which the tests compare it with.
     ``speculative_config`` (lesson 10), as vLLM spells it: ``{"method": "ngram" |
     "draft_model", "num_speculative_tokens": k, ...}`` (see :class:`SpeculativeConfig`).
+    ``tensor_parallel_size`` / ``pipeline_parallel_size`` (lesson 12) spread the model over
+    that many ranks (processes, started by ``distributed_executor_backend``); ``loaded.model``
+    is then rank 0's share, and :meth:`shutdown` stops the other ranks.
     """
 
     def __init__(
@@ -58,6 +62,9 @@ class LLM:
         fast_path: bool = True,
         speculative_config: dict | None = None,
         quantization: str | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        distributed_executor_backend: str = "mp",
     ) -> None:
         self.model_config = ModelConfig(
             model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device, fast_path=fast_path,
@@ -66,9 +73,24 @@ class LLM:
         cache = CacheConfig(block_size, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching)
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         speculative = SpeculativeConfig.from_dict(speculative_config)
-        self.loaded = load_model(self.model_config)
-        self.llm_engine = LLMEngine(self.loaded, cache, scheduler, seed=seed, trace=trace, speculative=speculative)
+        parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
+                                  distributed_executor_backend=distributed_executor_backend)
+        if parallel.world_size > 1 and speculative is not None:
+            raise ValueError("speculative decoding does not run with tensor or pipeline parallelism yet")
+        executor = start_parallel(self.model_config, parallel, seed)
+        self.loaded = executor.loaded if executor else load_model(self.model_config)
+        try:
+            self.llm_engine = LLMEngine(self.loaded, cache, scheduler, seed=seed, trace=trace,
+                                        speculative=speculative, executor=executor)
+        except BaseException:
+            if executor:
+                executor.shutdown()
+            raise
         self._request_ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the engine's other ranks (tensor/pipeline parallelism); a no-op on one rank."""
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.loaded.tokenizer

@@ -102,7 +102,7 @@ def scripted(zoo_paths):
         ours, theirs = multiprocessing.Pipe()
         core = ScriptedEngineCore(theirs, scripts)
         core.start()
-        started.append(AsyncEngine(core, ours, EngineInfo("scripted", tokenizer, 256, 320, 64, 4)))
+        started.append(AsyncEngine([(core, ours)], EngineInfo("scripted", tokenizer, 256, 320, 64, 4)))
         return started[-1], core
 
     yield start

@@ -30,6 +30,9 @@ _ENGINE_FLAGS = {
     "fast_path": "fast_path",
     "speculative_config": "speculative_config",
     "quantization": "quantization",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "pipeline_parallel_size": "pipeline_parallel_size",
+    "distributed_executor_backend": "distributed_executor_backend",
 }
 
 

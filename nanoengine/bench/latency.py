@@ -33,6 +33,7 @@ from nanoengine.engine.inputs import Prompt
 from nanoengine.engine.naive import NaiveEngine
 from nanoengine.model import load_model
 from nanoengine.model.loader import LoadedModel
+from nanoengine.parallel.launch import add_parallel_arguments
 from nanoengine.platform import dtype_name
 from nanoengine.sampling_params import SamplingParams
 
@@ -62,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_speculative_arg(p)
     add_quantization_arg(p)
     add_fast_path_arg(p)
+    add_parallel_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=Path, default=None, help="write every measurement here")
     p.set_defaults(func=main)
@@ -142,6 +144,8 @@ def _engine(args: argparse.Namespace) -> tuple[object, LoadedModel]:
         raise ValueError(f"--batch-size {args.batch_size} needs --engine llm; {args.engine} runs one request at a time")
     if args.speculative_config is not None:
         raise ValueError(f"--speculative-config needs --engine llm; {args.engine} does not speculate")
+    if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+        raise ValueError(f"parallel ranks need --engine llm; {args.engine} runs on one")
     loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, seed=args.seed, quantization=args.quantization))
     return NaiveEngine(loaded, kv_cache=ENGINES[args.engine], block_size=args.block_size, seed=args.seed), loaded
 
@@ -176,11 +180,14 @@ def main(args: argparse.Namespace) -> int:
     decode_tps = [r.decode_tokens_per_s for r in runs]
     tokens_per_step = [r.decode_tokens_per_step for r in runs]
     speculation = _speculation_record(engine, spec_before)
+    if args.engine == "llm":
+        engine.shutdown()
     requests = [t for r in runs for t in r.finished]
     request_latency = {"mean": statistics.fmean(requests), **percentiles(requests, LATENCY_PERCENTILES)}
     steps_ms = [statistics.median(step) * 1e3 for step in zip(*(r.decode_step_s for r in runs))]
     print(f"engine={args.engine} model={loaded.path.name} dtype={dtype_name(loaded.dtype)} "
-          f"quantization={loaded.quantization} weights={loaded.weight_bytes / 1e6:.1f} MB batch_size={args.batch_size} "
+          f"quantization={loaded.quantization} weights={loaded.weight_bytes / 1e6:.1f} MB (rank 0) "
+          f"tp={loaded.layout.tp.size} pp={loaded.layout.pp.size} batch_size={args.batch_size} "
           f"{f'dataset={args.dataset_path}' if args.dataset_path else f'input_len={args.input_len}'} "
           f"output_len={args.output_len}")
     print(format_summary("end-to-end latency", latency, "s"))
@@ -198,6 +205,8 @@ def main(args: argparse.Namespace) -> int:
         "dtype": dtype_name(loaded.dtype),
         "quantization": loaded.quantization,
         "weight_bytes": loaded.weight_bytes,
+        "tensor_parallel_size": loaded.layout.tp.size,
+        "pipeline_parallel_size": loaded.layout.pp.size,
         "engine": args.engine,
         "batch_size": args.batch_size,
         "input_len": args.input_len,

@@ -34,6 +34,7 @@ from nanoengine.bench.hf_backend import hf_generate, load_hf_model
 from nanoengine.bench.stats import format_summary, summary
 from nanoengine.model.loader import resolve_model_path
 from nanoengine.outputs import RequestOutput
+from nanoengine.parallel.launch import add_parallel_arguments
 from nanoengine.platform import dtype_name
 from nanoengine.sampling_params import SamplingParams
 
@@ -64,6 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     add_fast_path_arg(p)
     add_quantization_arg(p)
+    add_parallel_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=Path, default=None)
     p.set_defaults(func=main)
@@ -120,10 +122,16 @@ class _NanoengineBackend:
         return {**_rates(requests, time.monotonic() - started), "ttft_p50_s": statistics.median(ttft),
                 "tpot_p50_ms": statistics.median(tpot) * 1e3 if tpot else 0.0}
 
+    def close(self) -> None:
+        """Stop the engine's other ranks (tensor/pipeline parallelism)."""
+        self.llm.shutdown()
+
     def record(self) -> dict:
         scheduler = self.llm.llm_engine.scheduler
         return {"model": self.llm.loaded.path.name, "dtype": dtype_name(self.llm.loaded.dtype),
                 "mode": "static batching" if self.static_batching else "continuous batching",
+                "tensor_parallel_size": self.llm.loaded.layout.tp.size,
+                "pipeline_parallel_size": self.llm.loaded.layout.pp.size,
                 "max_num_seqs": self.max_num_seqs, "token_budget": scheduler.token_budget,
                 "preemptions": scheduler.num_preemptions,
                 "prefix_cache_hit_blocks": self.llm.llm_engine.kv_cache_manager.stats.hit_blocks}
@@ -144,6 +152,9 @@ class _HfBackend:
             hf_generate(self.model, requests, self.max_batch_size, self.pad_id, bar.update)
         return _rates(requests, time.monotonic() - started)
 
+    def close(self) -> None:
+        """Nothing runs beside this process."""
+
     def record(self) -> dict:
         return {"model": self.path.name, "dtype": dtype_name(self.model.dtype),
                 "mode": "static batching", "hf_max_batch_size": self.max_batch_size}
@@ -159,6 +170,7 @@ def main(args: argparse.Namespace) -> int:
         runs.append(backend.run(requests))
         print(f"iteration {i + 1}/{args.num_iters}: {runs[-1]['elapsed_s']:.1f} s", file=sys.stderr)
     described = backend.record()
+    backend.close()
     print(f"{args.backend}, {described['mode']}: {len(requests)} requests, {describe_workload(args)}; "
           + ", ".join(f"{k} {v}" for k, v in described.items() if k not in ("model", "dtype", "mode")))
     for key, label, unit in _REPORTED:

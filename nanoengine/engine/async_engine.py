@@ -11,6 +11,11 @@ a pipe: requests and aborts go in, each step's outputs come back.
 request is aborted in the engine at once, which frees its KV blocks before the next step.
 Two threads keep the event loop from ever blocking on the pipe: one sends, one receives and
 hands outputs to the right request's queue.
+
+Data parallelism (lesson 12): ``data_parallel_size`` engine processes, each with the whole
+model (or its own tensor-parallel world), serve behind the one front end. The sender puts
+each new request on the replica with the fewest requests in flight and sends its aborts
+there too; each replica has its own receiver thread.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ _ABORTED = object()
 
 @dataclasses.dataclass(slots=True)
 class EngineInfo:
-    """What the server needs to know about the loaded model, sent once it is ready."""
+    """What the server needs to know about the loaded model, sent once it is ready
+    (``num_blocks``: of all replicas together)."""
 
     model_name: str
     tokenizer: PreTrainedTokenizerBase
@@ -187,10 +193,12 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
     ``("shutdown",)``. Messages out: ``("ready", EngineInfo)`` or ``("failed", message)``
     once, then ``("outputs", [RequestOutput], EngineMetrics)`` after every step or abort (each
     output carries only what is new since the last one: see :func:`only_new`) and
-    ``("error", request_id, message)`` for a request the engine refused. Waits on the pipe
-    when idle, polls it between steps when busy.
+    ``("error", request_id, message)`` for a request the engine refused, or
+    ``("fatal", message)`` once, if a rank of its parallel world failed (lesson 12). Waits on
+    the pipe when idle, polls it between steps when busy.
     """
     from nanoengine.llm import LLM
+    from nanoengine.parallel.executor import WorkerFailure
 
     try:
         llm = LLM(model, **llm_kwargs)
@@ -208,6 +216,7 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
             while not engine.has_unfinished_requests() or conn.poll():
                 message = conn.recv()
                 if message[0] == "shutdown":
+                    llm.shutdown()
                     return
                 if message[0] == "add":
                     _, request_id, prompt, params = message
@@ -220,74 +229,142 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
                     sent.pop(message[1], None)
                     conn.send(("outputs", [], _snapshot(engine)))
         except (EOFError, OSError):  # the server's process is gone
+            llm.shutdown()
             return
-        outputs = [only_new(output, sent) for output in engine.step()]
+        try:
+            outputs = [only_new(output, sent) for output in engine.step()]
+        except WorkerFailure as failure:
+            conn.send(("fatal", str(failure)))
+            llm.shutdown()
+            return
         conn.send(("outputs", outputs, _snapshot(engine)))
 
 
+@dataclasses.dataclass(slots=True, eq=False)
+class _Replica:
+    """One engine process: its pipe, its latest metrics, how many requests it was given, and
+    why it stopped (None: it runs)."""
+
+    process: multiprocessing.Process
+    conn: Connection
+    metrics: EngineMetrics
+    num_requests: int = 0
+    dead: str | None = None
+
+
+def _start_replica(model: str | None, llm_kwargs: dict, index: int) -> tuple[multiprocessing.Process, Connection]:
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    # A daemonic process may not start processes of its own, and an engine with parallel ranks
+    # spawns them: that engine is a plain child, which exits when the server's pipe closes.
+    ranks = llm_kwargs.get("tensor_parallel_size", 1) * llm_kwargs.get("pipeline_parallel_size", 1)
+    process = context.Process(target=run_engine_core, args=(model, llm_kwargs, theirs),
+                              name=f"nanoengine-core{index or ''}", daemon=ranks == 1)
+    process.start()
+    theirs.close()
+    return process, ours
+
+
 class AsyncEngine:
-    """The server's handle on the engine process.
+    """The server's handle on the engine process (or on each data-parallel replica).
 
     Invariants: ``_streams`` holds a queue for every request submitted and not yet finished
-    or abandoned; every message to the engine goes through the sender thread, every message
-    from it through the receiver thread, so no coroutine ever waits on the pipe.
+    or abandoned; ``_owner`` maps each request the engines may still be running to its
+    replica; every message to an engine goes through the sender thread, every message from
+    one through its replica's receiver thread, so no coroutine ever waits on a pipe.
     """
 
-    def __init__(self, process: multiprocessing.Process, conn: Connection, info: EngineInfo) -> None:
+    def __init__(self, replicas: list[tuple[multiprocessing.Process, Connection]], info: EngineInfo) -> None:
         self.info = info
-        self._process = process
-        self._conn = conn
-        self._metrics = EngineMetrics(num_blocks=info.num_blocks)
+        self._replicas = [_Replica(process, conn, EngineMetrics(num_blocks=info.num_blocks // len(replicas)))
+                          for process, conn in replicas]
+        self._owner: dict[str, _Replica] = {}
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._outbox: queue.Queue = queue.Queue()
-        self._dead: str | None = None
         threading.Thread(target=self._send_loop, name="nanoengine-send", daemon=True).start()
-        threading.Thread(target=self._receive_loop, name="nanoengine-receive", daemon=True).start()
+        for replica in self._replicas:
+            threading.Thread(target=self._receive_loop, args=(replica,), name="nanoengine-receive", daemon=True).start()
 
     @classmethod
-    def start(cls, model: str | None = None, **llm_kwargs) -> AsyncEngine:
-        """Spawn the engine process and wait until its model is loaded (``LLM``'s arguments)."""
-        context = multiprocessing.get_context("spawn")
-        ours, theirs = context.Pipe()
-        process = context.Process(target=run_engine_core, args=(model, llm_kwargs, theirs), name="nanoengine-core",
-                                  daemon=True)
-        process.start()
-        theirs.close()
-        try:
-            message = ours.recv()
-        except EOFError:
-            process.join()
-            raise RuntimeError(f"the engine process exited while loading (exit code {process.exitcode})") from None
-        if message[0] == "failed":
-            process.join()
-            raise ValueError(f"the engine could not start: {message[1]}")
-        return cls(process, ours, message[1])
+    def start(cls, model: str | None = None, data_parallel_size: int = 1, **llm_kwargs) -> AsyncEngine:
+        """Spawn ``data_parallel_size`` engine processes, each running ``LLM(model, **llm_kwargs)``,
+        and wait until every one has loaded its model."""
+        started = [_start_replica(model, llm_kwargs, i) for i in range(data_parallel_size)]
+        infos = []
+        for process, conn in started:
+            try:
+                message = conn.recv()
+            except EOFError:
+                process.join()
+                message = ("exited", f"the engine process exited while loading (exit code {process.exitcode})")
+            if message[0] != "ready":
+                for other, other_conn in started:
+                    other.kill()
+                    other.join()
+                if message[0] == "exited":
+                    raise RuntimeError(message[1])
+                raise ValueError(f"the engine could not start: {message[1]}")
+            infos.append(message[1])
+        info = dataclasses.replace(infos[0], num_blocks=sum(i.num_blocks for i in infos))
+        return cls(started, info)
 
     def _send_loop(self) -> None:
         while True:
             message = self._outbox.get()
-            try:
-                self._conn.send(message)
-            except (OSError, ValueError):
-                return
+            if message[0] == "shutdown":
+                targets = self._replicas
+            elif message[0] == "add":  # to the replica with the fewest requests in flight
+                load = {replica: 0 for replica in self._replicas if replica.dead is None}
+                for owner in list(self._owner.values()):
+                    if owner in load:
+                        load[owner] += 1
+                if not load:
+                    self._deliver(message[1], RuntimeError(self._dead_reason()))
+                    continue
+                replica = self._owner[message[1]] = min(load, key=load.get)
+                replica.num_requests += 1
+                targets = [replica]
+            else:  # abort: only its replica has it (none: it finished already)
+                owner = self._owner.pop(message[1], None)
+                targets = [owner] if owner is not None else []
+            for replica in targets:
+                try:
+                    replica.conn.send(message)
+                except (OSError, ValueError):
+                    pass
             if message[0] == "shutdown":
                 return
 
-    def _receive_loop(self) -> None:
+    def _receive_loop(self, replica: _Replica) -> None:
         while True:
             try:
-                message = self._conn.recv()
+                message = replica.conn.recv()
             except (EOFError, OSError):
-                self._dead = "the engine process stopped"
-                for request_id in list(self._streams):
-                    self._deliver(request_id, RuntimeError(self._dead))
+                message = ("fatal", "the engine process stopped")
+            if message[0] == "fatal":
+                replica.dead = message[1]
+                for request_id, owner in list(self._owner.items()):
+                    if owner is replica:
+                        self._owner.pop(request_id, None)
+                        self._deliver(request_id, RuntimeError(replica.dead))
                 return
             if message[0] == "outputs":
-                _, outputs, self._metrics = message
+                _, outputs, replica.metrics = message
                 for output in outputs:
+                    if output.finished:
+                        self._owner.pop(output.request_id, None)
                     self._deliver(output.request_id, output)
             elif message[0] == "error":
+                self._owner.pop(message[1], None)
                 self._deliver(message[1], ValueError(message[2]))
+
+    def _dead_reason(self) -> str:
+        return "; ".join(sorted({r.dead for r in self._replicas if r.dead})) or "the engine process stopped"
+
+    @property
+    def _dead(self) -> str | None:
+        """Why the engine can take no more requests (every replica stopped), or None."""
+        return self._dead_reason() if all(r.dead for r in self._replicas) else None
 
     def _deliver(self, request_id: str, item: object) -> None:
         stream = self._streams.get(request_id)
@@ -350,10 +427,15 @@ class AsyncEngine:
         self._deliver(request_id, _ABORTED)
 
     def metrics(self) -> EngineMetrics:
-        return self._metrics
+        """Every replica's latest metrics, summed."""
+        total = EngineMetrics()
+        for replica in self._replicas:
+            for field in dataclasses.fields(EngineMetrics):
+                setattr(total, field.name, getattr(total, field.name) + getattr(replica.metrics, field.name))
+        return total
 
     def is_healthy(self) -> bool:
-        return self._dead is None and self._process.is_alive()
+        return all(r.dead is None and r.process.is_alive() for r in self._replicas)
 
     @property
     def num_unfinished(self) -> int:
@@ -362,7 +444,8 @@ class AsyncEngine:
     def shutdown(self) -> None:
         """Stop the engine process (waits a few seconds, then kills it)."""
         self._outbox.put(("shutdown",))
-        self._process.join(timeout=5)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
+        for replica in self._replicas:
+            replica.process.join(timeout=5)
+            if replica.process.is_alive():
+                replica.process.kill()
+                replica.process.join()

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import logging
 
-from nanoengine.attention.registry import default_backend, load_backend
 from nanoengine.attention.torch_paged import PagedKVCache
 from nanoengine.cache.kv_cache_manager import KVCacheManager, num_blocks_for_budget
 from nanoengine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from nanoengine.engine.inputs import Prompt, check_params_for_model, make_request
 from nanoengine.engine.output_processor import RequestState
-from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel
 from nanoengine.outputs import RequestOutput
+from nanoengine.parallel.executor import DistributedExecutor, Executor, UniprocExecutor, WorkerFailure
 from nanoengine.platform import available_memory_bytes
 from nanoengine.request import RequestStatus
 from nanoengine.sampling_params import SamplingParams
@@ -33,7 +32,7 @@ from nanoengine.scheduler import Scheduler
 from nanoengine.spec_decode.factory import build_proposer, load_draft
 from nanoengine.spec_decode.stats import SpecDecodeStats
 from nanoengine.trace import Trace
-from nanoengine.worker.model_runner import ModelRunner
+from nanoengine.worker.model_runner import local_kv_shape, runner_for
 
 logger = logging.getLogger("nanoengine")
 
@@ -48,6 +47,8 @@ def kv_cache_budget(cache: CacheConfig, loaded: LoadedModel, bytes_per_token: in
         return cache.kv_cache_memory_bytes
     free = available_memory_bytes(loaded.device)
     share = cache.gpu_memory_utilization if loaded.device.type == "cuda" else CPU_KV_SHARE
+    if loaded.device.type == "cpu":  # the ranks of a parallel world share this machine's RAM
+        share /= loaded.layout.world_size
     useful = max_num_seqs * loaded.max_model_len * bytes_per_token
     return min(int(free * share), useful)
 
@@ -56,10 +57,11 @@ def kv_bytes_per_slot(loaded: LoadedModel, num_layers: int | None = None) -> int
     """Bytes one token slot of the paged KV pool takes, measured on a one-slot pool built on
     PyTorch's ``meta`` device (shapes and dtypes, no memory): the engine sizes its pool by
     what the worker's tensors really take, which lesson 02's formula predicts.
-    ``num_layers``: for a pool of only the first layers (an early-exit draft, lesson 10)."""
-    config = loaded.hf_config
-    probe = PagedKVCache(num_layers or config.num_hidden_layers, 1, 1, config.num_key_value_heads,
-                         head_dim_of(config), loaded.dtype, "meta")
+    ``num_layers``: for a pool of only the first layers (an early-exit draft, lesson 10).
+    In a parallel world it is rank 0's slot: its share of the KV heads and its stage's
+    layers (the first stage has the most), so every rank's pool fits in the same budget."""
+    layers, kv_heads, head_dim = local_kv_shape(loaded)
+    probe = PagedKVCache(num_layers or layers, 1, 1, kv_heads, head_dim, loaded.dtype, "meta")
     return probe.nbytes
 
 
@@ -69,6 +71,10 @@ class LLMEngine:
     Invariant: every request added and not yet finished or aborted has a
     :class:`RequestState`, and each of its live sequences is known to the scheduler and
     mapped back to it in ``owner``; a finished sequence owns no KV blocks.
+
+    ``executor`` (lesson 12): a :class:`DistributedExecutor` whose rank 0 loaded ``loaded``;
+    each step then runs on every rank of its world. Once a rank fails, every request in
+    flight fails with its message, and so does every later call (``dead``).
     """
 
     def __init__(
@@ -79,9 +85,10 @@ class LLMEngine:
         seed: int = 0,
         trace: bool = False,
         speculative: SpeculativeConfig | None = None,
+        executor: DistributedExecutor | None = None,
     ) -> None:
         self.loaded = loaded
-        config = loaded.hf_config
+        self.dead: str | None = None
         draft = load_draft(speculative, loaded) if speculative else None
         per_token = kv_bytes_per_slot(loaded)
         if draft is not None:  # the draft's own cache has a slot for every slot of the target's
@@ -106,17 +113,16 @@ class LLMEngine:
             loaded.max_model_len,
             speculative.disable_by_batch_size if speculative else None,
         )
-        kv_tensors = PagedKVCache(
-            config.num_hidden_layers, num_blocks, cache.block_size, config.num_key_value_heads,
-            head_dim_of(config), loaded.dtype, loaded.device,
-        )
-        backend = load_backend(default_backend(loaded.device, loaded.fast_path), loaded.dtype)
-        self.runner = ModelRunner(loaded.model, kv_tensors, backend, seed)
+        self.runner = runner_for(loaded, num_blocks, cache.block_size, seed)
+        self.executor: Executor = UniprocExecutor(self.runner)
+        if executor is not None:
+            executor.start(self.runner, num_blocks, cache.block_size)
+            self.executor = executor
         self.speculative = speculative
         self.spec_stats = SpecDecodeStats()
         if speculative is not None:
             self.runner.proposer = build_proposer(
-                speculative, draft, num_blocks, cache.block_size, backend, self.runner.generator
+                speculative, draft, num_blocks, cache.block_size, self.runner.attention_fn, self.runner.generator
             )
         self.max_num_seqs = scheduler.max_num_seqs
         self.states: dict[str, RequestState] = {}
@@ -129,6 +135,8 @@ class LLMEngine:
         )
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None) -> None:
+        if self.dead:
+            raise RuntimeError(self.dead)
         check_params_for_model(params, self.loaded.hf_config.vocab_size)
         if params.n > self.max_num_seqs:
             raise ValueError(f"n ({params.n}) must be at most max_num_seqs ({self.max_num_seqs})")
@@ -153,8 +161,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return the outputs of the requests that gained a token."""
+        if self.dead:
+            raise RuntimeError(self.dead)
         plan = self.scheduler.schedule()
-        result = self.runner.execute(plan)
+        try:
+            result = self.executor.execute(plan)
+        except WorkerFailure as failure:
+            raise self._fail_all(str(failure)) from None
         self.scheduler.update_after_step(plan, result.sampled_token_ids)
         for sequence_id, (first, entries) in result.prompt_logprobs.items():
             self.states[self.owner[sequence_id]].add_prompt_logprobs(first, entries)
@@ -184,6 +197,19 @@ class LLMEngine:
             if output.finished:
                 del self.states[output.request_id]
         return outputs
+
+    def _fail_all(self, reason: str) -> WorkerFailure:
+        """A rank failed: abort every request in flight (the error to raise names them); every
+        later call raises too."""
+        in_flight = list(self.states)
+        for request_id in in_flight:
+            self.abort_request(request_id)
+        self.dead = reason
+        return WorkerFailure(f"{reason}; the {len(in_flight)} request(s) in flight failed: {', '.join(in_flight)}")
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers (a parallel world's ranks); nothing to do on one rank."""
+        self.executor.shutdown()
 
     def _fork(self, state: RequestState, parent_id: str, n: int) -> list[str]:
         """The prompt is done: the request becomes ``n`` sequences sharing its blocks."""

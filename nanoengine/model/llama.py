@@ -7,6 +7,11 @@ same model serves the naive loop, the contiguous cache and the paged engine.
 
 Architectural variants are class constants of the causal LM (``qkv_bias``, ``qk_norm``),
 so Qwen2 and Qwen3 are subclasses of a few lines in ``qwen.py``.
+
+Built for a parallel layout (lesson 12), every layer holds its tensor-parallel share, and a
+pipeline stage holds only its range of decoder layers: the first stage also the embedding
+and the head, the last the final norm. A stage receives the previous stage's hidden states
+and sends its own on; the last sends the normed result back to the first, which samples.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from nanoengine.model.layers.embedding import LMHead, VocabEmbedding
 from nanoengine.model.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
 from nanoengine.model.layers.norm import RMSNorm
 from nanoengine.model.layers.rotary import RotaryEmbedding, rotate
+from nanoengine.parallel.state import current_layout, split_evenly
 from nanoengine.quant.base import QuantizationConfig, linear_method_for
 
 if TYPE_CHECKING:
@@ -39,7 +45,11 @@ def head_dim_of(config: PretrainedConfig) -> int:
 
 
 class LlamaAttention(nn.Module):
-    """Fused q/k/v projection, optional per-head q/k RMSNorm, RoPE, attention, output projection."""
+    """Fused q/k/v projection, optional per-head q/k RMSNorm, RoPE, attention, output projection.
+
+    ``layer_idx`` is the layer's place in this rank's KV cache (its stage's layers only);
+    ``num_heads`` and ``num_kv_heads`` are this rank's heads.
+    """
 
     def __init__(
         self,
@@ -54,16 +64,15 @@ class LlamaAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self.scale = self.head_dim**-0.5
         self.qkv_proj = QKVLinear(
-            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias, dtype,
-            linear_method_for(quant_config, f"{prefix}.qkv_proj"),
+            config.hidden_size, self.head_dim, config.num_attention_heads, config.num_key_value_heads, qkv_bias,
+            dtype, linear_method_for(quant_config, f"{prefix}.qkv_proj"),
         )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowLinear(
-            self.num_heads * self.head_dim, config.hidden_size, o_bias, dtype,
+            config.num_attention_heads * self.head_dim, config.hidden_size, o_bias, dtype,
             linear_method_for(quant_config, f"{prefix}.o_proj"),
         )
         if qk_norm:
@@ -116,7 +125,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+    """``h = x + attn(norm(x)); out = h + mlp(norm(h))``.
+
+    ``layer_idx`` names the checkpoint's layer; ``cache_idx`` is its place in this rank's KV
+    cache (the same, unless a pipeline stage holds a later range of layers).
+    """
 
     def __init__(
         self,
@@ -126,13 +139,15 @@ class LlamaDecoderLayer(nn.Module):
         qkv_bias: bool,
         qk_norm: bool,
         quant_config: QuantizationConfig | None = None,
+        cache_idx: int | None = None,
     ) -> None:
         super().__init__()
         prefix = f"model.layers.{layer_idx}"
         o_bias = getattr(config, "attention_bias", False)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = LlamaAttention(
-            config, layer_idx, dtype, qkv_bias, o_bias, qk_norm, quant_config, f"{prefix}.self_attn"
+            config, layer_idx if cache_idx is None else cache_idx, dtype, qkv_bias, o_bias, qk_norm, quant_config,
+            f"{prefix}.self_attn",
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(config, dtype, quant_config, f"{prefix}.mlp")
@@ -142,8 +157,17 @@ class LlamaDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
+class RemoteLayer(nn.Module):
+    """A placeholder for a layer another pipeline stage holds: no weights, never run."""
+
+
 class LlamaModel(nn.Module):
-    """Embedding, the decoder stack and the final norm (HF's ``model.*`` parameters)."""
+    """Embedding, the decoder stack and the final norm (HF's ``model.*`` parameters).
+
+    Invariant: ``layers`` has every decoder layer's slot; the stage's own (``local_layers``,
+    ``first_layer`` onwards) are real, the others :class:`RemoteLayer`. ``embed_tokens`` is
+    None except on the first stage, ``norm`` except on the last.
+    """
 
     def __init__(
         self,
@@ -155,23 +179,61 @@ class LlamaModel(nn.Module):
         quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.pp = current_layout().pp
+        if self.pp.size > config.num_hidden_layers:
+            raise ValueError(f"pipeline_parallel_size ({self.pp.size}) must be at most the number of layers "
+                             f"({config.num_hidden_layers}): every stage needs one")
+        self.hidden_size, self.dtype = config.hidden_size, dtype
+        mine = split_evenly(config.num_hidden_layers, self.pp.size, self.pp.rank)
+        self.first_layer, self.num_local_layers = mine.start, len(mine)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype) if self.pp.is_first else None
         self.rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, dtype, qkv_bias, qk_norm, quant_config)
+            LlamaDecoderLayer(config, i, dtype, qkv_bias, qk_norm, quant_config, i - mine.start)
+            if i in mine else RemoteLayer()
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if self.pp.is_last else None
+
+    @property
+    def local_layers(self) -> nn.ModuleList:
+        return self.layers[self.first_layer : self.first_layer + self.num_local_layers]
+
+    def holds(self, name: str) -> bool:
+        """Whether the checkpoint tensor ``name`` (``model.*``) belongs to this stage."""
+        if name.startswith("model.layers."):
+            return not isinstance(self.layers[int(name.split(".")[2])], RemoteLayer)
+        if name.startswith("model.embed_tokens."):
+            return self.embed_tokens is not None
+        if name.startswith("model.norm."):
+            return self.norm is not None
+        return True
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext, num_layers: int | None = None
     ) -> torch.Tensor:
-        """``num_layers``: run only the first layers (an early-exit draft, lesson 10)."""
-        hidden = self.embed_tokens(input_ids)
+        """``num_layers``: run only the first layers (an early-exit draft, lesson 10).
+        On a later pipeline stage the result is only passed on (the first stage samples)."""
+        if self.pp.is_first:
+            hidden = self.embed_tokens(input_ids)
+        else:
+            hidden = self.pp.recv((input_ids.shape[0], self.hidden_size), self.dtype, input_ids.device, self.pp.rank - 1)
         rope = self.rotary.lookup(positions, hidden.dtype)
-        for layer in self.layers[:num_layers]:
+        for layer in self.local_layers[:num_layers]:
             hidden = layer(rope, hidden, attn)
-        return self.norm(hidden)
+        if self.pp.size == 1:
+            return self.norm(hidden)
+        return self._pass_on(hidden)
+
+    def _pass_on(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The pipeline's hand-offs: on to the next stage, and the last stage's normed output
+        back to the first."""
+        if self.pp.is_last:
+            hidden = self.norm(hidden)
+        self.pp.send(hidden, (self.pp.rank + 1) % self.pp.size)
+        if self.pp.is_first:
+            return self.pp.recv(tuple(hidden.shape), hidden.dtype, hidden.device, self.pp.size - 1)
+        return hidden
 
 
 class LlamaForCausalLM(nn.Module):
@@ -207,7 +269,8 @@ class LlamaForCausalLM(nn.Module):
         qkv_bias = self.qkv_bias if self.qkv_bias is not None else getattr(config, "attention_bias", False)
         self.model = LlamaModel(config, dtype, max_positions, qkv_bias, self.qk_norm, quant_config)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied)
+        # The head sits with the embedding, on the first pipeline stage, which samples.
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied) if self.model.pp.is_first else None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext, num_layers: int | None = None
@@ -235,6 +298,8 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
+            if not (self.model.holds(name) if name.startswith("model.") else self.lm_head is not None):
+                continue  # another pipeline stage's
             target, shard = name, None
             for ckpt_part, (fused, shard_id) in self.stacked_params.items():
                 if f".{ckpt_part}." in name:

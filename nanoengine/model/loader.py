@@ -25,6 +25,7 @@ from nanoengine.model import gguf_file
 from nanoengine.model.bundled import DEFAULT_MODEL, bundled_model_path, bundled_names
 from nanoengine.model.layers.onednn import onednn_packing_available, pack_linear_weights
 from nanoengine.model.registry import model_class_for
+from nanoengine.parallel.state import SINGLE, RankLayout, building_for
 from nanoengine.quant.registry import resolve_quantization
 from nanoengine.platform import dtype_name, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 
@@ -39,7 +40,8 @@ class LoadedModel:
     ``eos_token_ids`` are every token that ends generation unless ``ignore_eos``;
     ``fast_path``: the model was prepared for lesson 15's fast path, and the engine should
     pick its fast kernels too; ``quantization``: the lesson-11 method its linear layers run
-    (None: plain weights in ``dtype``).
+    (None: plain weights in ``dtype``); ``layout``: the rank it was built for (lesson 12):
+    ``model`` then holds that rank's share of the weights only.
     """
 
     model: torch.nn.Module
@@ -52,6 +54,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     fast_path: bool = False
     quantization: str | None = None
+    layout: RankLayout = SINGLE
 
     @property
     def num_parameters(self) -> int:
@@ -81,8 +84,14 @@ def resolve_model_path(model: str | Path | None) -> Path:
     )
 
 
-def load_model(config: ModelConfig) -> LoadedModel:
-    """Build and fill the model that ``config`` names."""
+# Formats whose checkpoint tensors are packed in ways the sharding of lesson 12 does not cut.
+_UNSHARDABLE_QUANTIZATION = ("gptq", "awq", "gguf")
+
+
+def load_model(config: ModelConfig, layout: RankLayout = SINGLE) -> LoadedModel:
+    """Build and fill the model that ``config`` names; for a parallel ``layout``, only this
+    rank's share (each checkpoint tensor is read, narrowed to the rank's slice and dropped,
+    so no rank ever holds the whole model)."""
     started = time.perf_counter()
     path = resolve_model_path(config.model)
     device = resolve_device(config.device)
@@ -91,8 +100,11 @@ def load_model(config: ModelConfig) -> LoadedModel:
     hf_config = gguf_file.gguf_to_hf_config(reader) if reader else AutoConfig.from_pretrained(path)
     quant_config = resolve_quantization(config.quantization, hf_config, is_gguf=reader is not None)
     max_model_len = max_model_len_for(hf_config, config.max_model_len)
+    if layout.tp.size > 1 and quant_config is not None and quant_config.name in _UNSHARDABLE_QUANTIZATION:
+        raise ValueError(f"{quant_config.name} weights cannot be split across tensor-parallel ranks yet; "
+                         "use tensor_parallel_size=1, or a method that quantizes as it loads (int8, int4, fp8)")
     model_class = model_class_for(hf_config)
-    with torch.device(device):
+    with torch.device(device), building_for(layout):
         model = model_class(hf_config, dtype, max_model_len, quant_config)
     weights, count = (
         (gguf_file.iter_gguf_weights(reader, hf_config, native=quant_config is not None and quant_config.name == "gguf"),
@@ -124,6 +136,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         eos_token_ids=_eos_token_ids(path, hf_config, tokenizer),
         fast_path=config.fast_path,
         quantization=quant_config.name if quant_config is not None else None,
+        layout=layout,
     )
     logger.info(
         "loaded %s (%s) as %s%s on %s in %.1f s: %.1f MB of weights; max_model_len=%d%s",

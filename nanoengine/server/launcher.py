@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from nanoengine.config import DTYPES, parse_size, speculative_config_flag
+from nanoengine.parallel.launch import add_parallel_arguments, parallel_kwargs
 from nanoengine.quant.registry import quantization_methods
 
 logger = logging.getLogger("nanoengine")
@@ -54,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "gptq/awq checkpoints are detected")
     p.add_argument("--speculative-config", type=speculative_config_flag, default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (lesson 10)')
+    add_parallel_arguments(p, data_parallel=True)
     p.add_argument("--seed", type=int, default=0, help="engine seed")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file")
     p.add_argument("--max-queued-requests", type=int, default=None,
@@ -69,7 +72,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                   kv_cache_memory_bytes=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
                   enable_chunked_prefill=args.enable_chunked_prefill, fast_path=args.fast_path,
-                  speculative_config=args.speculative_config, quantization=args.quantization)
+                  speculative_config=args.speculative_config, quantization=args.quantization,
+                  **parallel_kwargs(args))
     if args.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     return kwargs
@@ -94,8 +98,17 @@ def serve(args: argparse.Namespace) -> int:
     chat_template = _read_chat_template(args.chat_template)
     if args.max_queued_requests is not None and args.max_queued_requests < 1:
         raise ValueError(f"--max-queued-requests must be a positive integer; got {args.max_queued_requests}")
+    if args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be a positive integer; got {args.data_parallel_size}")
+    if args.distributed_executor_backend == "torchrun":
+        if args.data_parallel_size > 1:
+            raise ValueError("--data-parallel-size spawns its replicas itself; it does not combine with torchrun")
+        if int(os.environ.get("RANK", "0")) != 0:  # a worker rank: it serves the driver, not HTTP
+            from nanoengine import LLM
+
+            LLM(args.model, **engine_kwargs(args))  # works inside until the driver stops, then exits
     try:
-        engine = AsyncEngine.start(args.model, **engine_kwargs(args))
+        engine = AsyncEngine.start(args.model, data_parallel_size=args.data_parallel_size, **engine_kwargs(args))
     except RuntimeError as exc:
         logger.error("%s", exc)
         return 1

@@ -21,6 +21,7 @@ from nanoengine.viz.examples import (
 from nanoengine.viz.gantt import gantt_states, scheduler_gantt
 from nanoengine.viz.kernel import kernel_thread_mapping
 from nanoengine.viz.memory import paged_vs_contiguous
+from nanoengine.viz.parallel import tensor_parallel_sharding
 from nanoengine.viz.prefix_tree import cache_hits_per_request, prefix_tree, prefix_tree_nodes
 from nanoengine.viz.quantization import (
     LESSON11_FORMATS,
@@ -43,5 +44,6 @@ __all__ = [
     "model_anatomy", "paged_vs_contiguous", "parameter_counts", "prefix_tree", "prefix_tree_nodes", "progression_chart",
     "quantization_error_histogram", "quantization_tradeoff", "tradeoff_row", "LESSON11_FORMATS", "format_errors",
     "request_lives", "RequestLife", "sampling_distributions", "sampling_effects", "save_figure",
-    "scheduler_gantt", "slot_states", "speculation_speedup", "token_timeline", "trace_colors",
+    "scheduler_gantt", "slot_states", "speculation_speedup", "tensor_parallel_sharding", "token_timeline",
+    "trace_colors",
 ]

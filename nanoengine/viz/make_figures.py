@@ -1,8 +1,8 @@
 """``python -m nanoengine.viz.make_figures``: regenerate every figure in ``figures/``.
 
-Inputs are fixed (the bundled model's config, recorded benchmark JSON in ``docs/bench/``,
-the example paging, scheduler and prefix-cache traces, logits and beams of
-:mod:`nanoengine.viz.examples`, the kernel's default launch shape), so a rerun gives
+Inputs are fixed (the bundled model's config and its sharding plan, recorded benchmark JSON
+in ``docs/bench/``, the example paging, scheduler and prefix-cache traces, logits and beams
+of :mod:`nanoengine.viz.examples`, the kernel's default launch shape), so a rerun gives
 byte-identical files.
 """
 
@@ -47,6 +47,7 @@ from nanoengine.viz import (  # noqa: E402
     save_figure,
     scheduler_gantt,
     speculation_speedup,
+    tensor_parallel_sharding,
     token_timeline,
     trace_colors,
     tradeoff_row,
@@ -74,6 +75,7 @@ GALLERY = [
     ("spec_speedup_by_batch.png", "10", "Decode speed with prompt lookup over without, as the batch grows: where speculation stops paying."),
     ("quantization_errors.png", "11", "The error int8, int4 and FP8 leave in SmolLM2's embedding rows, per weight."),
     ("quantization_tradeoff.png", "11", "Per format: weight memory, decode speed at batch 1 and 32, and perplexity of the course text."),
+    ("tensor_parallel_sharding.png", "12", "One decoder layer of SmolLM2 over 3 tensor-parallel ranks: each rank's slice of every matrix, and where the ranks communicate."),
     ("progression.png", "15", "One workload through every engine of the course, lesson 01's loop to the fast path."),
 ]
 
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             if (ppl := _bench(f"l11_ppl_{key}")) and (latency := [r for b in (1, 32) if (r := _bench(f"l11_decode_{key}_b{b}"))])]
     if rows:
         written.append(save_figure(quantization_tradeoff(rows), args.out / "quantization_tradeoff.png"))
+    written.append(save_figure(tensor_parallel_sharding(config, 3), args.out / "tensor_parallel_sharding.png"))
     progression = _bench("l15_progression")
     if progression:
         written.append(save_figure(progression_chart(progression), args.out / "progression.png"))

@@ -11,8 +11,11 @@ import dataclasses
 import torch
 
 from nanoengine.attention.metadata import AttentionMetadata, build_attention_metadata
-from nanoengine.attention.registry import AttentionFn
+from nanoengine.attention.registry import AttentionFn, default_backend, load_backend
 from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
+from nanoengine.model.llama import head_dim_of
+from nanoengine.model.loader import LoadedModel
+from nanoengine.parallel.state import split_evenly
 from nanoengine.request import child_params, child_request_id
 from nanoengine.sampling import SamplingRow, TokenLogprobs, gather_logprobs, sample
 from nanoengine.scheduler.output import ScheduledRequest, SchedulerOutput
@@ -40,18 +43,41 @@ class ModelRunnerOutput:
     num_draft_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
+def local_kv_shape(loaded: LoadedModel) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of this rank's KV cache: its pipeline stage's layers
+    and its tensor-parallel share of the KV heads (lesson 12; the whole model on one rank)."""
+    config, layout = loaded.hf_config, loaded.layout
+    layers = len(split_evenly(config.num_hidden_layers, layout.pp.size, layout.pp.rank))
+    return layers, config.num_key_value_heads // layout.tp.size, head_dim_of(config)
+
+
+def runner_for(loaded: LoadedModel, num_blocks: int, block_size: int, seed: int) -> ModelRunner:
+    """A runner over ``loaded`` with a paged KV cache of ``num_blocks`` blocks on its device,
+    attending with the backend its device (and fast path) calls for."""
+    layers, kv_heads, head_dim = local_kv_shape(loaded)
+    kv_cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, loaded.dtype, loaded.device)
+    backend = load_backend(default_backend(loaded.device, loaded.fast_path), loaded.dtype)
+    return ModelRunner(loaded.model, kv_cache, backend, seed, samples=loaded.layout.pp.is_first)
+
+
 class ModelRunner:
     """Runs scheduled steps on one model and one paged KV cache.
 
     Sampling state lives here: a seeded request gets its own generator on first sight and
     keeps it across preemption, so its tokens do not depend on the rest of the batch;
     unseeded requests share the runner's generator (seeded from the engine seed).
+
+    Under tensor parallelism every rank runs the same steps on its share of the model (and
+    samples the same tokens, from the same gathered logits); ``samples=False``: a later
+    pipeline stage, which only runs its layers (lesson 12).
     """
 
     def __init__(
-        self, model: torch.nn.Module, kv_cache: PagedKVCache, attention_fn: AttentionFn, seed: int = 0
+        self, model: torch.nn.Module, kv_cache: PagedKVCache, attention_fn: AttentionFn, seed: int = 0,
+        samples: bool = True,
     ) -> None:
         self.model = model
+        self.samples = samples
         self.kv_cache = kv_cache
         self.attention_fn = attention_fn
         self.device = next(model.parameters()).device
@@ -76,8 +102,27 @@ class ModelRunner:
         if not plan.scheduled:
             return ModelRunnerOutput()
         plan, proposals = self._with_proposals(plan)
-        # BEGIN SOLUTION L06.T2
         scheduled = plan.scheduled
+        hidden, metadata = self._run_model(scheduled)
+        output = ModelRunnerOutput()
+        if not self.samples:  # a later pipeline stage: the first stage samples (lesson 12)
+            return output
+        # BEGIN SOLUTION L06.T2
+        sampling = [i for i, s in enumerate(scheduled) if s.sample]
+        if sampling:
+            last_rows = [metadata.query_start_loc[i + 1] - 1 for i in sampling]
+            logits = self.model.compute_logits(hidden[last_rows])
+            self._sample(logits, [scheduled[i] for i in sampling], output)
+        # END SOLUTION
+        if proposals:
+            self._verify(hidden, metadata, scheduled, proposals, output)
+        self._prompt_logprobs(hidden, metadata, scheduled, output)
+        return output
+
+    def _run_model(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Flatten the scheduled chunks into one batch of tokens and run the model over it:
+        the hidden state of every token, and the metadata that says whose rows are whose."""
+        # BEGIN SOLUTION L06.T2
         input_ids = [t for s in scheduled for t in s.token_ids]
         positions = [p for s in scheduled for p in range(s.num_computed_tokens, s.num_computed_tokens + len(s.token_ids))]
         metadata = build_attention_metadata(
@@ -92,17 +137,8 @@ class ModelRunner:
             torch.tensor(positions, device=self.device),
             PagedAttention(self.kv_cache, metadata, self.attention_fn),
         )
-        sampling = [i for i, s in enumerate(scheduled) if s.sample]
-        output = ModelRunnerOutput()
-        if sampling:
-            last_rows = [metadata.query_start_loc[i + 1] - 1 for i in sampling]
-            logits = self.model.compute_logits(hidden[last_rows])
-            self._sample(logits, [scheduled[i] for i in sampling], output)
+        return hidden, metadata
         # END SOLUTION
-        if proposals:
-            self._verify(hidden, metadata, scheduled, proposals, output)
-        self._prompt_logprobs(hidden, metadata, scheduled, output)
-        return output
 
     def _with_proposals(self, plan: SchedulerOutput) -> tuple[SchedulerOutput, dict[str, Proposal]]:
         """Lesson 10: the proposer's guesses for every request given lookahead slots, and the

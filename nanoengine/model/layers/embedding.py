@@ -4,6 +4,12 @@ A GGUF file run natively (``quantization="gguf"``, lesson 11) hands its vocabula
 over as blocks rather than float tensors. They stay quantized: the embedding dequantizes only
 the rows it looks up, the head multiplies by the quantized matrix, and a tied head by the
 embedding's own, so the model still holds the matrix once.
+
+Under tensor parallelism (lesson 12) both layers split the vocabulary into equal row ranges,
+one per rank, after padding it to a multiple of the group size: rank ``r`` holds rows
+``[r * rows, (r + 1) * rows)``. The embedding looks up the ids that fall in its range, writes
+zeros for the rest, and the group all-reduces (each token's row is on exactly one rank); the
+head computes its range of logits and the group all-gathers them, dropping the padding.
 """
 
 from __future__ import annotations
@@ -14,20 +20,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoengine.model.layers.linear import LinearMethod, LinearMethodBase, UnquantizedLinearMethod, load_sharded
+from nanoengine.model.layers.linear import LinearMethod, LinearMethodBase, UnquantizedLinearMethod
+from nanoengine.parallel.state import current_layout
 
 if TYPE_CHECKING:
     from nanoengine.model.gguf_file import GGUFBlocks
 
 
 class _VocabLayer(nn.Module):
-    """What both vocabulary layers load: a float matrix, copied in, or GGUF blocks, kept quantized."""
+    """What both vocabulary layers share: this rank's range of the (padded) vocabulary, and
+    loading it from a float matrix, copied in, or from GGUF blocks, kept quantized.
+
+    Invariant: ``vocab_start + rows`` ≤ the padded vocabulary; ``rows`` is the same on every
+    rank, and the rows past ``vocab_size`` (padding) are zeros.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.tp = current_layout().tp
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // self.tp.size)
+        self.vocab_start = self.tp.rank * self.rows
+
+    def new_weight(self, hidden_size: int, dtype: torch.dtype) -> nn.Parameter:
+        return nn.Parameter(torch.zeros(self.rows, hidden_size, dtype=dtype), requires_grad=False)
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor | GGUFBlocks, shard_id: str | None = None
     ) -> None:
         if isinstance(loaded, torch.Tensor):
-            load_sharded(self, param, loaded, shard_id)
+            if tuple(loaded.shape) != (self.vocab_size, param.shape[1]):
+                raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, "
+                                 f"expected {(self.vocab_size, param.shape[1])}")
+            mine = loaded[self.vocab_start : self.vocab_start + self.rows]
+            param.data[: mine.shape[0]].copy_(mine)
+        elif self.tp.size > 1:
+            raise ValueError("a GGUF vocabulary kept quantized cannot be split across tensor-parallel ranks")
         elif tuple(loaded.shape) != tuple(param.shape):
             raise ValueError(f"GGUF tensor {loaded.name!r} has shape {loaded.shape}, expected {tuple(param.shape)}")
         else:
@@ -39,21 +67,28 @@ class _VocabLayer(nn.Module):
 
 
 class VocabEmbedding(_VocabLayer):
-    """Looks up one row per token id. Lesson 12 splits the rows across ranks.
+    """Looks up one row per token id; lesson 12 splits the rows across ranks.
 
     Invariant: exactly one of ``weight`` (the float matrix) and ``quantized`` (a module with
     ``rows(ids)`` and ``forward(x) = x @ Wᵀ``, once GGUF blocks were loaded) holds the matrix.
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
+        super().__init__(vocab_size)
+        self.weight = self.new_weight(hidden_size, dtype)
         self.quantized: nn.Module | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             return self.quantized.rows(input_ids)
-        return F.embedding(input_ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        # BEGIN SOLUTION L12.T2
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.rows)
+        rows = F.embedding(local.clamp(0, self.rows - 1), self.weight)
+        return self.tp.all_reduce(rows * mine.unsqueeze(-1).to(rows.dtype))
+        # END SOLUTION
 
     def keep_quantized(self, blocks: GGUFBlocks, dtype: torch.dtype) -> None:
         """Hold the matrix as row-addressable quantized codes; the float ``weight`` goes."""
@@ -97,16 +132,21 @@ class LMHead(_VocabLayer):
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, tied_to: VocabEmbedding | None) -> None:
-        super().__init__()
+        super().__init__(vocab_size)
         if tied_to is not None:
             self.weight = tied_to.weight
             self.linear_method: LinearMethod = TiedEmbeddingMethod(tied_to)
         else:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
+            self.weight = self.new_weight(hidden_size, dtype)
             self.linear_method = UnquantizedLinearMethod()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear_method.apply(self, hidden, None)
+        logits = self.linear_method.apply(self, hidden, None)
+        if self.tp.size == 1:
+            return logits
+        # BEGIN SOLUTION L12.T3
+        return self.tp.all_gather(logits, dim=-1)[..., : self.vocab_size]
+        # END SOLUTION
 
     def keep_quantized(self, blocks: GGUFBlocks, dtype: torch.dtype) -> None:
         """An untied head's own blocks, run in their own kind (the int4 kernel for 4-bit types)."""

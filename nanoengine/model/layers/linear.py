@@ -3,8 +3,9 @@
 A layer never does its own matmul. It asks its ``LinearMethod`` to create the parameters and
 to apply them, so that lesson 11 adds int8/int4/GGUF weights as one new method and no model
 changes. Each layer also knows how the full weight is split across tensor-parallel ranks
-(by output rows for column-parallel, by input columns for row-parallel), which lesson 12
-turns on; until then ``tp_size`` is 1 and every layer holds the whole weight.
+(lesson 12): a column-parallel layer keeps its rank's output rows and needs no communication;
+a row-parallel layer keeps its rank's input columns, so each rank computes a partial sum and
+the group all-reduces it. Built outside a parallel world, a layer holds the whole weight.
 
 Fused layers (``QKVLinear``, ``MergedColumnLinear``) hold several checkpoint weights in one
 matrix so a step runs one matmul instead of three; ``weight_loader`` takes a shard id saying
@@ -18,6 +19,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nanoengine.parallel.state import ParallelGroup, current_layout, divide
 
 
 class LinearMethod(Protocol):
@@ -38,20 +41,40 @@ class LinearMethod(Protocol):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
 
-def mark_sharded(param: nn.Parameter, output_dim: int, pack_factor: int = 1) -> nn.Parameter:
-    """Say how a fused layer's shards split ``param``: along ``output_dim``, where each stored
-    element holds ``pack_factor`` outputs (GPTQ's qzeros pack 8 int4 values per int32).
+def mark_sharded(
+    param: nn.Parameter, output_dim: int, pack_factor: int = 1, input_dim: int | None = None
+) -> nn.Parameter:
+    """Say how shards split ``param``: a fused layer's shards and column-parallel ranks along
+    ``output_dim``, where each stored element holds ``pack_factor`` outputs (GPTQ's qzeros pack
+    8 int4 values per int32); row-parallel ranks along ``input_dim`` (None: the tensor cannot
+    be split by input, so a row-parallel layer refuses to shard it).
 
     A parameter left unmarked is the same for every shard (GPTQ's ``g_idx``) and is loaded whole.
     """
-    param.output_dim, param.pack_factor = output_dim, pack_factor
+    param.output_dim, param.pack_factor, param.input_dim = output_dim, pack_factor, input_dim
     return param
 
 
+def rank_slice(loaded: torch.Tensor, dim: int, tp: ParallelGroup, what: str) -> torch.Tensor:
+    """This rank's equal share of ``loaded`` along ``dim`` (a view: nothing is copied)."""
+    size = divide(loaded.shape[dim], tp.size, what)
+    return loaded.narrow(dim, tp.rank * size, size)
+
+
 def load_sharded(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None) -> None:
-    """Copy a checkpoint tensor into ``param``, or into the slice of it that ``shard_id`` owns."""
+    """Copy this rank's part of a checkpoint tensor into ``param``, or into the slice of it that
+    ``shard_id`` owns. The checkpoint tensor is whole; a tensor-parallel layer narrows it to
+    its rank's rows (column-parallel) or columns (row-parallel) before copying."""
     target = param.data
     output_dim = getattr(param, "output_dim", None)
+    tp: ParallelGroup = getattr(layer, "tp", ParallelGroup())
+    if tp.size > 1 and layer.split == "output" and output_dim is not None:
+        loaded = rank_slice(loaded, output_dim, tp, f"{type(layer).__name__}'s output size")
+    elif tp.size > 1 and layer.split == "input" and param is not getattr(layer, "bias", None):
+        input_dim = getattr(param, "input_dim", None)
+        if input_dim is None:
+            raise ValueError(f"{type(layer).__name__} cannot split this weight by input across ranks")
+        loaded = rank_slice(loaded, input_dim, tp, f"{type(layer).__name__}'s input size")
     if shard_id is not None and output_dim is not None:
         start, size = layer.shard_offsets[shard_id]
         pack = param.pack_factor
@@ -77,7 +100,8 @@ class FloatWeightMethod(LinearMethodBase):
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None:
         layer.weight = mark_sharded(
-            nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False), output_dim=0
+            nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False),
+            output_dim=0, input_dim=1,
         )
 
 
@@ -88,16 +112,16 @@ class UnquantizedLinearMethod(FloatWeightMethod):
         return F.linear(x, layer.weight, bias)
 
 
-def _check_tp_size(tp_size: int) -> None:
-    if tp_size != 1:
-        raise NotImplementedError("tensor-parallel sharding arrives with lesson 12; use tp_size=1")
-
-
 class LinearBase(nn.Module):
     """A linear layer over this rank's slice of the weight.
 
-    Invariant: ``weight`` has shape ``[output_size_per_rank, input_size_per_rank]``.
+    ``split`` says which side of the full weight the ranks of its tensor-parallel group
+    (``tp``, read from the layout the model is built for) divide: ``"output"`` or ``"input"``.
+    Invariant: ``input_size`` and ``output_size`` are this rank's, so a plain weight has shape
+    ``[output_size, input_size]``; a bias always has the full output of this rank.
     """
+
+    split: str = "output"
 
     def __init__(
         self,
@@ -106,11 +130,15 @@ class LinearBase(nn.Module):
         bias: bool,
         dtype: torch.dtype,
         linear_method: LinearMethod | None = None,
-        tp_size: int = 1,
     ) -> None:
         super().__init__()
-        _check_tp_size(tp_size)
-        self.input_size, self.output_size, self.tp_size = input_size, output_size, tp_size
+        self.tp = current_layout().tp
+        name = type(self).__name__
+        if self.split == "output":
+            output_size = divide(output_size, self.tp.size, f"{name}'s output size")
+        else:
+            input_size = divide(input_size, self.tp.size, f"{name}'s input size")
+        self.input_size, self.output_size = input_size, output_size
         self.linear_method = linear_method or UnquantizedLinearMethod()
         self.linear_method.create_weights(self, input_size, output_size, dtype)
         self.bias = (
@@ -132,11 +160,24 @@ class LinearBase(nn.Module):
 
 
 class ColumnLinear(LinearBase):
-    """Output features split across ranks (q/k/v, gate/up): no communication after it."""
+    """Output features split across ranks (q/k/v, gate/up): each rank computes its own
+    outputs in full, so no communication follows."""
 
 
 class RowLinear(LinearBase):
-    """Input features split across ranks (o_proj, down_proj): the partial sums are all-reduced."""
+    """Input features split across ranks (o_proj, down_proj): each rank multiplies its slice
+    of the input by its columns, a partial sum of the whole output, which the group
+    all-reduces. The bias is added once, by tensor rank 0, before the sum."""
+
+    split = "input"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self.linear_method.apply(self, x, self.bias)
+        # BEGIN SOLUTION L12.T1
+        partial = self.linear_method.apply(self, x, self.bias if self.tp.rank == 0 else None)
+        return self.tp.all_reduce(partial)
+        # END SOLUTION
 
 
 class _FusedColumnLinear(ColumnLinear):
@@ -151,7 +192,12 @@ class _FusedColumnLinear(ColumnLinear):
 
 
 class QKVLinear(_FusedColumnLinear):
-    """q, k and v projections as one matmul; shards ``"q"``, ``"k"``, ``"v"``."""
+    """q, k and v projections as one matmul; shards ``"q"``, ``"k"``, ``"v"``.
+
+    Tensor-parallel ranks split it by heads: each keeps ``num_heads / tp`` query heads and
+    ``num_kv_heads / tp`` KV heads (a GQA group never straddles two ranks), so attention
+    runs on each rank with no communication. ``num_heads`` and ``num_kv_heads`` are this rank's.
+    """
 
     def __init__(
         self,
@@ -162,16 +208,20 @@ class QKVLinear(_FusedColumnLinear):
         bias: bool,
         dtype: torch.dtype,
         linear_method: LinearMethod | None = None,
-        tp_size: int = 1,
     ) -> None:
-        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        super().__init__(hidden_size, q_size + 2 * kv_size, bias, dtype, linear_method, tp_size)
+        tp_size = current_layout().tp.size
+        self.num_heads = divide(num_heads, tp_size, "num_attention_heads")
+        self.num_kv_heads = divide(num_kv_heads, tp_size, "num_key_value_heads")
+        q_size, kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        super().__init__(hidden_size, (q_size + 2 * kv_size) * tp_size, bias, dtype, linear_method)
         self.q_size, self.kv_size = q_size, kv_size
         self.shard_offsets = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}
 
 
 class MergedColumnLinear(_FusedColumnLinear):
-    """Column layers that share an input stacked in one matmul; shards are ``"0"``, ``"1"``, …"""
+    """Column layers that share an input stacked in one matmul; shards are ``"0"``, ``"1"``, …
+    Each tensor-parallel rank keeps its share of every one of them (its gate rows and the
+    matching up rows), so ``silu(gate) * up`` pairs the right rows on every rank."""
 
     def __init__(
         self,
@@ -180,9 +230,10 @@ class MergedColumnLinear(_FusedColumnLinear):
         bias: bool,
         dtype: torch.dtype,
         linear_method: LinearMethod | None = None,
-        tp_size: int = 1,
     ) -> None:
-        super().__init__(input_size, sum(output_sizes), bias, dtype, linear_method, tp_size)
+        tp_size = current_layout().tp.size
+        output_sizes = [divide(n, tp_size, f"{type(self).__name__}'s output size") for n in output_sizes]
+        super().__init__(input_size, sum(output_sizes) * tp_size, bias, dtype, linear_method)
         starts = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
         self.shard_offsets = {str(i): (s, n) for i, (s, n) in enumerate(zip(starts, output_sizes))}
 

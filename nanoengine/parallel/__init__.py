@@ -1,0 +1,1 @@
+"""Lesson 12: tensor, pipeline and data parallelism on torch.distributed."""
