@@ -1,4 +1,5 @@
-"""Running a function on every rank of a small gloo world, for tests of the parallel layers."""
+"""Helpers for the tests of parallel engines: a function run on every rank of a small gloo
+world, and zoo models on one or several ranks compared by their greedy tokens."""
 
 from __future__ import annotations
 
@@ -6,8 +7,25 @@ import multiprocessing
 import traceback
 from collections.abc import Callable
 
+from nanoengine import LLM, SamplingParams
 from nanoengine.parallel.executor import free_local_port
 from nanoengine.parallel.state import init_distributed
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+PROMPTS = [[5, 17, 33, 2, 90], [100, 101, 7], list(range(40, 75))]
+KV_BYTES = 1 << 21
+
+
+def parallel_llm(path, tp: int = 1, pp: int = 1, **kwargs) -> LLM:
+    """A float32 reference-path ``LLM`` over a zoo model on ``tp x pp`` ranks."""
+    return LLM(str(path), dtype="float32", fast_path=False, kv_cache_memory_bytes=KV_BYTES,
+               tensor_parallel_size=tp, pipeline_parallel_size=pp, **kwargs)
+
+
+def greedy_tokens(llm: LLM) -> list[list[int]]:
+    """The greedy tokens of every prompt of :data:`PROMPTS`."""
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
 def _rank_main(fn: Callable, rank: int, world: int, init_method: str, results, args: tuple) -> None:

@@ -3,7 +3,9 @@
 The oracle is the engine on one rank: split across ranks, a model must give the same
 greedy tokens (the sums run in another order, so logits agree to rounding, and the zoo's
 peaked logits make greedy choices stable). The layers are checked one by one against the
-full matmul, on two real ranks (spawned processes talking over gloo).
+full matmul, on two real ranks (spawned processes talking over gloo). Data-parallel
+replicas and a parallel engine behind the server need lesson 13's async engine: their
+tests are in test_l13_async_engine.py.
 """
 
 from __future__ import annotations
@@ -20,35 +22,17 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nanoengine import LLM, SamplingParams
-from nanoengine.engine.async_engine import AsyncEngine
+from nanoengine import SamplingParams
 from nanoengine.engine.inputs import Prompt
 from nanoengine.model.layers.embedding import LMHead, VocabEmbedding
 from nanoengine.model.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
 from nanoengine.parallel.executor import WorkerFailure, free_local_port
 from nanoengine.parallel.state import ParallelGroup, RankLayout, building_for, split_evenly
-from tests.engines import run_async
-from tests.parallel_ranks import run_ranks
+from tests.parallel_ranks import GREEDY, PROMPTS, greedy_tokens, parallel_llm, run_ranks
 from tests.zoo import build_model, build_tokenizer
 
 pytestmark = pytest.mark.l12
 
-GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-PROMPTS = [[5, 17, 33, 2, 90], [100, 101, 7], list(range(40, 75))]
-KV_BYTES = 1 << 21
-
-
-def _prompts():
-    return [{"prompt_token_ids": p} for p in PROMPTS]
-
-
-def _tokens(llm: LLM) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
-
-
-def _parallel_llm(path, tp: int = 1, pp: int = 1) -> LLM:
-    return LLM(str(path), dtype="float32", fast_path=False, kv_cache_memory_bytes=KV_BYTES,
-               tensor_parallel_size=tp, pipeline_parallel_size=pp)
 
 
 @given(st.integers(1, 64), st.integers(1, 8))
@@ -172,11 +156,11 @@ def odd_vocab_model(tmp_path_factory):
 @pytest.mark.parametrize("name", ["odd-vocab", "qwen2-bias", "qwen3-qknorm"])
 def test_tensor_parallel_greedy_tokens_equal_one_rank(name, zoo_paths, odd_vocab_model):
     path = odd_vocab_model if name == "odd-vocab" else zoo_paths[name]
-    want = _tokens(_parallel_llm(path))
-    llm = _parallel_llm(path, tp=2)
+    want = greedy_tokens(parallel_llm(path))
+    llm = parallel_llm(path, tp=2)
     try:
         assert llm.loaded.model.model.layers[0].self_attn.num_kv_heads == llm.loaded.hf_config.num_key_value_heads // 2
-        assert _tokens(llm) == want
+        assert greedy_tokens(llm) == want
     finally:
         llm.shutdown()
     assert not dist.is_initialized()
@@ -184,23 +168,23 @@ def test_tensor_parallel_greedy_tokens_equal_one_rank(name, zoo_paths, odd_vocab
 
 @pytest.mark.parametrize("tp, pp", [(1, 2), (2, 2)])
 def test_pipeline_stages_give_the_tokens_of_one_rank(tp, pp, zoo_paths):
-    want = _tokens(_parallel_llm(zoo_paths["llama-tied"]))
-    llm = _parallel_llm(zoo_paths["llama-tied"], tp, pp)
+    want = greedy_tokens(parallel_llm(zoo_paths["llama-tied"]))
+    llm = parallel_llm(zoo_paths["llama-tied"], tp, pp)
     try:
         assert llm.loaded.model.model.num_local_layers == 1  # two layers, one a stage
-        assert _tokens(llm) == want
+        assert greedy_tokens(llm) == want
     finally:
         llm.shutdown()
 
 
 def test_kv_heads_that_do_not_divide_are_refused_by_name(zoo_paths):
     with pytest.raises(ValueError, match=r"num_key_value_heads \(1\) must be divisible by tensor_parallel_size"):
-        _parallel_llm(zoo_paths["mistral"], tp=2)
+        parallel_llm(zoo_paths["mistral"], tp=2)
     assert not dist.is_initialized()
 
 
 def test_a_dead_worker_fails_the_requests_in_flight_instead_of_hanging(zoo_paths):
-    llm = _parallel_llm(zoo_paths["llama-gqa"], tp=2)
+    llm = parallel_llm(zoo_paths["llama-gqa"], tp=2)
     engine = llm.llm_engine
     try:
         for i, prompt in enumerate(PROMPTS):
@@ -217,56 +201,6 @@ def test_a_dead_worker_fails_the_requests_in_flight_instead_of_hanging(zoo_paths
     finally:
         llm.shutdown()
     assert not dist.is_initialized()
-
-
-def test_two_data_parallel_replicas_share_concurrent_requests(zoo_paths):
-    want = _tokens(_parallel_llm(zoo_paths["llama-gqa"]))
-    engine = AsyncEngine.start(str(zoo_paths["llama-gqa"]), data_parallel_size=2, dtype="float32", fast_path=False,
-                               kv_cache_memory_bytes=KV_BYTES)
-
-    async def one(i: int, prompt: list[int]) -> list[int]:
-        final = None
-        async for output in engine.generate(Prompt(None, prompt), GREEDY, f"r{i}"):
-            final = output
-        return list(final.outputs[0].token_ids)
-
-    async def all_at_once():
-        import asyncio
-
-        return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS * 2)))
-
-    try:
-        got = run_async(all_at_once())
-        assert got == want * 2
-        assert all(replica.num_requests >= 2 for replica in engine._replicas)
-        assert engine.metrics().num_blocks == engine.info.num_blocks
-    finally:
-        engine.shutdown()
-
-
-def test_a_served_engine_with_two_ranks_answers_then_fails_clearly_when_a_rank_dies(zoo_paths):
-    path = zoo_paths["llama-gqa"]
-    want = _tokens(_parallel_llm(path))[0]
-    engine = AsyncEngine.start(str(path), dtype="float32", fast_path=False, kv_cache_memory_bytes=KV_BYTES,
-                               tensor_parallel_size=2)
-
-    async def tokens(request_id: str, params: SamplingParams) -> list[int]:
-        final = None
-        async for output in engine.generate(Prompt(None, PROMPTS[0]), params, request_id):
-            final = output
-        return list(final.outputs[0].token_ids)
-
-    try:
-        assert run_async(tokens("first", GREEDY)) == want
-        core = engine._replicas[0].process.pid
-        workers = subprocess.run(["pgrep", "-P", str(core)], capture_output=True, text=True).stdout.split()
-        for pid in workers:  # the rank-1 worker (and the core's resource tracker, which does not matter)
-            os.kill(int(pid), signal.SIGKILL)
-        with pytest.raises(RuntimeError, match=r"parallel worker failed \(rank 1"):
-            run_async(tokens("second", SamplingParams(max_tokens=200, ignore_eos=True)))
-        assert not engine.is_healthy()
-    finally:
-        engine.shutdown()
 
 
 def _cli(*args: str, launcher: list[str] | None = None) -> str:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import multiprocessing
+import os
+import signal
+import subprocess
 import threading
 import time
 
@@ -20,6 +23,7 @@ from nanoengine.engine.inputs import Prompt
 from nanoengine.outputs import CompletionOutput, RequestOutput
 from nanoengine.sampling_params import SamplingParams
 from tests.engines import alone, run_async
+from tests.parallel_ranks import GREEDY, KV_BYTES, PROMPTS, greedy_tokens, parallel_llm
 
 pytestmark = pytest.mark.l13
 
@@ -381,3 +385,53 @@ def test_a_stop_string_inside_a_multi_token_delta_cuts_the_tokens_after_it(llm_f
         (stopped.text, stopped.token_ids, "stop", stop)
     assert len(cut.logprobs) == len(cut.token_ids)
     assert cut.cumulative_logprob == pytest.approx(stopped.cumulative_logprob, abs=1e-5)
+
+
+# --- lesson 12's parallel engines behind the server ------------------------------------
+
+def test_two_data_parallel_replicas_share_concurrent_requests(zoo_paths):
+    want = greedy_tokens(parallel_llm(zoo_paths["llama-gqa"]))
+    engine = AsyncEngine.start(str(zoo_paths["llama-gqa"]), data_parallel_size=2, dtype="float32", fast_path=False,
+                               kv_cache_memory_bytes=KV_BYTES)
+
+    async def one(i: int, prompt: list[int]) -> list[int]:
+        final = None
+        async for output in engine.generate(Prompt(None, prompt), GREEDY, f"r{i}"):
+            final = output
+        return list(final.outputs[0].token_ids)
+
+    async def all_at_once():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS * 2)))
+
+    try:
+        got = run_async(all_at_once())
+        assert got == want * 2
+        assert all(replica.num_requests >= 2 for replica in engine._replicas)
+        assert engine.metrics().num_blocks == engine.info.num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_a_served_engine_with_two_ranks_answers_then_fails_clearly_when_a_rank_dies(zoo_paths):
+    path = zoo_paths["llama-gqa"]
+    want = greedy_tokens(parallel_llm(path))[0]
+    engine = AsyncEngine.start(str(path), dtype="float32", fast_path=False, kv_cache_memory_bytes=KV_BYTES,
+                               tensor_parallel_size=2)
+
+    async def tokens(request_id: str, params: SamplingParams) -> list[int]:
+        final = None
+        async for output in engine.generate(Prompt(None, PROMPTS[0]), params, request_id):
+            final = output
+        return list(final.outputs[0].token_ids)
+
+    try:
+        assert run_async(tokens("first", GREEDY)) == want
+        core = engine._replicas[0].process.pid
+        workers = subprocess.run(["pgrep", "-P", str(core)], capture_output=True, text=True).stdout.split()
+        for pid in workers:  # the rank-1 worker (and the core's resource tracker, which does not matter)
+            os.kill(int(pid), signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"parallel worker failed \(rank 1"):
+            run_async(tokens("second", SamplingParams(max_tokens=200, ignore_eos=True)))
+        assert not engine.is_healthy()
+    finally:
+        engine.shutdown()
