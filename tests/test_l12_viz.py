@@ -13,8 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 matplotlib.use("Agg")
 
 from nanoengine.model.registry import model_class_for  # noqa: E402
-from nanoengine.parallel.plan import REPLICATED, VOCAB, rank_layout, sharding_plan  # noqa: E402
-from nanoengine.parallel.state import building_for  # noqa: E402
+from nanoengine.parallel.plan import REPLICATED, VOCAB, sharding_plan  # noqa: E402
+from nanoengine.parallel.state import building_for, rank_layout  # noqa: E402
 from nanoengine.viz import tensor_parallel_sharding  # noqa: E402
 from nanoengine.viz.parallel import rank_color  # noqa: E402
 

@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 
 from nanoengine.model.layers.linear import LinearBase
 from nanoengine.model.registry import model_class_for
-from nanoengine.parallel.state import ParallelGroup, RankLayout, building_for
+from nanoengine.parallel.state import ParallelGroup, RankLayout, building_for, rank_layout
 
 # The kinds of row: which side of the full tensor the ranks of a stage divide.
 COLUMN, ROW, VOCAB, REPLICATED = "column", "row", "vocab", "replicated"
@@ -76,15 +76,6 @@ class ShardRow:
         """How the row is held, in a word or two: ``"split by output rows"``, ``"replicated"``…"""
         return {COLUMN: "split by output rows", ROW: "split by input columns", VOCAB: "split by vocabulary rows",
                 REPLICATED: "replicated"}[self.kind]
-
-
-def rank_layout(tp_size: int, pp_size: int, rank: int) -> RankLayout:
-    """Global rank ``rank``'s layout (stage ``rank // tp_size``) with no process group behind it:
-    enough to build its share of a model (on ``meta``, or to load real weights), not to run it."""
-    stage, shard = divmod(rank, tp_size)
-    tp = ParallelGroup(shard, tp_size, tuple(range(stage * tp_size, (stage + 1) * tp_size)))
-    pp = ParallelGroup(stage, pp_size, tuple(range(shard, tp_size * pp_size, tp_size)))
-    return RankLayout(tp, pp, rank)
 
 
 def _build(hf_config: PretrainedConfig, layout: RankLayout) -> nn.Module:

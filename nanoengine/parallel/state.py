@@ -122,6 +122,15 @@ def divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
+def rank_layout(tp_size: int, pp_size: int, rank: int) -> RankLayout:
+    """Global rank ``rank``'s layout (stage ``rank // tp_size``) with no process group behind it:
+    enough to build its share of a model (on ``meta``, or to load real weights), not to run it."""
+    stage, shard = divmod(rank, tp_size)
+    tp = ParallelGroup(shard, tp_size, tuple(range(stage * tp_size, (stage + 1) * tp_size)))
+    pp = ParallelGroup(stage, pp_size, tuple(range(shard, tp_size * pp_size, tp_size)))
+    return RankLayout(tp, pp, rank)
+
+
 def init_distributed(
     rank: int, tp_size: int, pp_size: int, init_method: str, backend: str, timeout_s: float
 ) -> RankLayout:
@@ -134,16 +143,15 @@ def init_distributed(
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
     )
-    tp = pp = None
-    for stage in range(pp_size):
-        ranks = tuple(range(stage * tp_size, (stage + 1) * tp_size))
+    layout = rank_layout(tp_size, pp_size, rank)
+    tp_groups = [rank_layout(tp_size, pp_size, stage * tp_size).tp.ranks for stage in range(pp_size)]
+    pp_groups = [rank_layout(tp_size, pp_size, shard).pp.ranks for shard in range(tp_size)]
+    tp_group = pp_group = None
+    for ranks in tp_groups:
         group = dist.new_group(list(ranks)) if tp_size > 1 else None
-        if rank in ranks:
-            tp = ParallelGroup(ranks.index(rank), tp_size, ranks, group)
-    for shard in range(tp_size):
-        ranks = tuple(range(shard, world, tp_size))
+        tp_group = group if ranks == layout.tp.ranks else tp_group
+    for ranks in pp_groups:
         group = dist.new_group(list(ranks)) if pp_size > 1 else None
-        if rank in ranks:
-            pp = ParallelGroup(ranks.index(rank), pp_size, ranks, group)
-    assert tp is not None and pp is not None
-    return RankLayout(tp, pp, rank)
+        pp_group = group if ranks == layout.pp.ranks else pp_group
+    return dataclasses.replace(layout, tp=dataclasses.replace(layout.tp, group=tp_group),
+                               pp=dataclasses.replace(layout.pp, group=pp_group))
