@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nanoengine.logger import init_logger
+from nanoengine.lora.request import LoRARequest
 from nanoengine.outputs import CompletionOutput, RequestOutput
 from nanoengine.sampling_params import SamplingParams
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from nanoengine.llm import LLM
     from nanoengine.sampling.beam_search import BeamSearchParams
 
-__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "LoRARequest", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
 
 init_logger()

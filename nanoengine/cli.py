@@ -27,21 +27,25 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--quantization", "-q", choices=quantization_methods(), default=None,
                    help="quantized weights (lesson 11); gguf runs a GGUF's own blocks")
+    p.add_argument("--lora-path", default=None, metavar="DIR", help="run every prompt with this PEFT LoRA adapter (lesson 14)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted (default: %(default)s)")
     add_parallel_arguments(p)
     p.set_defaults(func=_generate)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from nanoengine import LLM, SamplingParams
+    from nanoengine import LLM, LoRARequest, SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p)
+    lora = LoRARequest("adapter", 1, args.lora_path) if args.lora_path else None
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-              quantization=args.quantization, **parallel_kwargs(args))
+              quantization=args.quantization, enable_lora=lora is not None, max_lora_rank=args.max_lora_rank,
+              **parallel_kwargs(args))
     if args.chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, lora_request=lora)
     else:
-        outputs = llm.generate(args.prompt, params)
+        outputs = llm.generate(args.prompt, params, lora_request=lora)
     llm.shutdown()
     for prompt, out in zip(args.prompt, outputs):
         print(f"--- {prompt!r} ({out.outputs[0].finish_reason}, {len(out.outputs[0].token_ids)} tokens)")

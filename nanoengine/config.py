@@ -2,8 +2,9 @@
 
 Every check happens in ``__post_init__`` so that a bad argument fails at ``LLM(...)`` with a
 message naming the argument, before any weights are read. The engine is built from a
-:class:`ModelConfig`, a :class:`CacheConfig` and a :class:`SchedulerConfig`, and spread over
-ranks by a :class:`ParallelConfig` (lesson 12).
+:class:`ModelConfig`, a :class:`CacheConfig` and a :class:`SchedulerConfig`, spread over
+ranks by a :class:`ParallelConfig` (lesson 12), and given LoRA adapter slots by a
+:class:`LoRAConfig` (lesson 14).
 """
 
 from __future__ import annotations
@@ -162,6 +163,20 @@ class ParallelConfig:
     def world_size(self) -> int:
         """Ranks per engine (data-parallel replicas each have their own)."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    """Multi-LoRA serving (lesson 14): ``max_loras`` adapters may run in one step (each has a
+    slot in every adapted layer); ``max_lora_rank``: the largest rank an adapter may have
+    (every slot is sized for it)."""
+
+    max_loras: int = 4
+    max_lora_rank: int = 16
+
+    def __post_init__(self) -> None:
+        _positive_int("max_loras", self.max_loras)
+        _positive_int("max_lora_rank", self.max_lora_rank)
 
 
 SPECULATIVE_METHODS = ("ngram", "draft_model")

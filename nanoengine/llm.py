@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from nanoengine.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
+from nanoengine.config import CacheConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from nanoengine.engine.inputs import check_params_for_model, params_per_prompt, parse_prompts, render_chat
 from nanoengine.engine.llm_engine import LLMEngine
+from nanoengine.lora.request import LoRARequest
 from nanoengine.model import load_model
 from nanoengine.outputs import RequestOutput
 from nanoengine.parallel.launch import start_parallel
@@ -41,6 +42,9 @@ class LLM:
     ``tensor_parallel_size`` / ``pipeline_parallel_size`` (lesson 12) spread the model over
     that many ranks (processes, started by ``distributed_executor_backend``); ``loaded.model``
     is then rank 0's share, and :meth:`shutdown` stops the other ranks.
+    ``enable_lora`` (lesson 14): requests may name a PEFT LoRA adapter
+    (``generate(..., lora_request=LoRARequest(name, id, path))``); up to ``max_loras``
+    adapters, of rank at most ``max_lora_rank``, run in one step beside the base model.
     """
 
     def __init__(
@@ -65,6 +69,9 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         distributed_executor_backend: str = "mp",
+        enable_lora: bool = False,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ) -> None:
         self.model_config = ModelConfig(
             model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device, fast_path=fast_path,
@@ -75,13 +82,18 @@ class LLM:
         speculative = SpeculativeConfig.from_dict(speculative_config)
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size,
                                   distributed_executor_backend=distributed_executor_backend)
+        if not isinstance(enable_lora, bool):
+            raise ValueError(f"enable_lora must be a bool; got {enable_lora!r}")
+        lora = LoRAConfig(max_loras, max_lora_rank) if enable_lora else None
+        if lora is not None and (parallel.world_size > 1 or speculative is not None):
+            raise ValueError("enable_lora does not run with tensor/pipeline parallelism or speculative decoding yet")
         if parallel.world_size > 1 and speculative is not None:
             raise ValueError("speculative decoding does not run with tensor or pipeline parallelism yet")
         executor = start_parallel(self.model_config, parallel, seed)
         self.loaded = executor.loaded if executor else load_model(self.model_config)
         try:
             self.llm_engine = LLMEngine(self.loaded, cache, scheduler, seed=seed, trace=trace,
-                                        speculative=speculative, executor=executor)
+                                        speculative=speculative, executor=executor, lora=lora)
         except BaseException:
             if executor:
                 executor.shutdown()
@@ -100,18 +112,27 @@ class LLM:
         prompts: str | dict | Sequence[str | dict],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Complete every prompt; outputs come back in the order of the prompts."""
+        """Complete every prompt; outputs come back in the order of the prompts.
+
+        ``lora_request``: one adapter for every prompt, or a list with one per prompt (None
+        in it: the base model), as vLLM takes it (lesson 14).
+        """
         parsed = parse_prompts(
             prompts, self.loaded.tokenizer, self.loaded.hf_config.vocab_size, self.loaded.max_model_len
         )
         params = params_per_prompt(sampling_params, len(parsed))
         for p in params:
             check_params_for_model(p, self.loaded.hf_config.vocab_size)
+        loras = loras_per_prompt(lora_request, len(parsed))
         engine = self.llm_engine
+        for lora in loras:
+            if lora is not None:
+                engine.add_lora(lora)  # a bad adapter fails here, before any request is added
         request_ids = [str(next(self._request_ids)) for _ in parsed]
-        for request_id, prompt, p in zip(request_ids, parsed, params):
-            engine.add_request(request_id, prompt, p)
+        for request_id, prompt, p, lora in zip(request_ids, parsed, params, loras):
+            engine.add_request(request_id, prompt, p, lora_request=lora)
         finished: dict[str, RequestOutput] = {}
         try:
             with tqdm(total=len(parsed), desc="Processed prompts", disable=not use_tqdm or len(parsed) < 2) as bar:
@@ -142,17 +163,29 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate a reply to one conversation or to each of a list of them.
 
-        Each conversation is rendered with the model's chat template (or ``chat_template``).
+        Each conversation is rendered with the model's chat template (or ``chat_template``);
+        ``lora_request`` as in :meth:`generate`.
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conversation in conversations:
             prompt = render_chat(self.loaded.tokenizer, conversation, chat_template, add_generation_prompt)
             prompts.append({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter before any request needs it (False: already loaded)."""
+        return self.llm_engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.llm_engine.remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self.llm_engine.list_loras()
 
     def beam_search(
         self, prompts: str | dict | Sequence[str | dict], params: BeamSearchParams, use_tqdm: bool = False
@@ -195,3 +228,13 @@ class LLM:
                 beam.text = tokenizer.decode(generated, skip_special_tokens=True)
             results.append(BeamSearchOutput(best))
         return results
+
+
+def loras_per_prompt(lora_request: LoRARequest | Sequence[LoRARequest | None] | None, count: int) -> list[LoRARequest | None]:
+    """One adapter (or None) per prompt: a single one is shared; a list must match the prompts."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * count
+    loras = list(lora_request)
+    if len(loras) != count or not all(r is None or isinstance(r, LoRARequest) for r in loras):
+        raise ValueError(f"lora_request must be one LoRARequest or a list of {count} (one per prompt, None for none)")
+    return loras

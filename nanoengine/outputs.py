@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from nanoengine.lora.request import LoRARequest
+
 
 @dataclasses.dataclass(slots=True)
 class Logprob:
@@ -57,7 +59,8 @@ class RequestOutput:
 
     ``outputs``: one completion per sequence (``n`` of them, by ``index``);
     ``prompt_logprobs``: with ``SamplingParams.prompt_logprobs`` set, None for the first
-    prompt token (nothing predicts it) then one entry per prompt token.
+    prompt token (nothing predicts it) then one entry per prompt token. ``lora_request``:
+    the adapter it ran with (lesson 14; None: the base model).
     """
 
     request_id: str
@@ -67,3 +70,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    lora_request: LoRARequest | None = None

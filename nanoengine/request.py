@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from nanoengine.lora.request import LoRARequest
 from nanoengine.sampling_params import SamplingParams
 
 
@@ -31,6 +32,7 @@ class Request:
     ``num_computed_tokens`` tokens are in the cache; preemption resets it to 0); once
     ``status.finished``, no token is
     appended; ``stop_reason`` is set only for a stop string (str) or a stop token id (int).
+    ``lora_request``: the adapter every token of it runs with (lesson 14; None: the base model).
     """
 
     request_id: str
@@ -45,6 +47,7 @@ class Request:
     num_computed_tokens: int = 0
     first_token_time: float | None = None
     finished_time: float | None = None
+    lora_request: LoRARequest | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +83,7 @@ class Request:
             arrival_time=self.arrival_time,
             status=self.status,
             num_computed_tokens=self.num_computed_tokens,
+            lora_request=self.lora_request,
         )
 
     def banned_token_ids(self) -> list[int]:

@@ -11,110 +11,29 @@ the engine holds after a client walks away.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from nanoengine.engine.async_engine import EngineInfo, EngineMetrics
 from nanoengine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nanoengine.server.app import build_app
 from tests.engines import run_async
+from tests.serving import AUTH, KEY, Server, assert_error, serving
 
 pytestmark = pytest.mark.l13
 
-KEY = "test-key"
 MODEL = "llama-gqa"
 MAX_MODEL_LEN = 256
-AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = [{"role": "user", "content": "The quick brown fox"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A running server and ways to talk to it: raw httpx, the openai client, its tokenizer."""
-
-    def __init__(self, base: str, path: Path) -> None:
-        self.base = base
-        self.http = httpx.Client(base_url=base, timeout=30)
-        self.client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=30)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.vocab_size = json.loads((path / "config.json").read_text())["vocab_size"]
-
-    def metric(self, name: str) -> float:
-        """The sum of a metric's samples on /metrics (e.g. over finish reasons); a labelled
-        counter has no sample before its first increment, which counts as 0."""
-        text = self.http.get("/metrics").text
-        assert name.split("_total")[0] in text, f"{name} is not on /metrics"
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
-
-    def wait_idle(self, timeout: float) -> tuple[float, float]:
-        """Poll until nothing runs and no KV block is held; the last (running, usage) seen."""
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = self.metric("nanoengine:num_requests_running"), self.metric("nanoengine:kv_cache_usage_perc")
-            if seen == (0, 0) or time.monotonic() > deadline:
-                return seen
-            time.sleep(0.02)
-
-    def prompt_len(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt)["input_ids"])
-
-    def chat_prompt_len(self, messages: list[dict]) -> int:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-@contextlib.contextmanager
-def _serving(arguments: list[str], log: Path):
-    """Run ``nanoengine serve`` with ``arguments`` on a free port until the block ends; yields
-    its base URL. Fails the test if it does not become healthy or logs an unexpected error."""
-    port = _free_port()
-    command = [sys.executable, "-m", "nanoengine", "serve", *arguments, "--port", str(port), "--api-key", KEY,
-               "--uvicorn-log-level", "warning"]
-    with open(log, "wb") as out:  # a file, not a pipe: a full pipe would stall the server
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not become healthy:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    text = log.read_text(errors="replace")  # nothing a client did may have hit an unexpected error
-    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +41,11 @@ def server(zoo_paths, tmp_path_factory):
     path = zoo_paths[MODEL]
     arguments = [str(path), "--dtype", "float32", "--kv-cache-memory", "4MiB", "--max-model-len", str(MAX_MODEL_LEN),
                  "--no-fast-path"]
-    with _serving(arguments, tmp_path_factory.mktemp("server") / "server.log") as base:
+    with serving(arguments, tmp_path_factory.mktemp("server") / "server.log") as base:
         running = Server(base, path)
         yield running
         running.http.close()
         running.client.close()
-
-
-def _assert_error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["code"] == status and isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]
 
 
 def _stream_completion(server: Server, **kwargs) -> tuple[str, str, object]:
@@ -325,9 +236,9 @@ def test_raw_sse_has_usage_chunk_then_done(server, path, body):
 
 def test_api_key_guards_the_api_but_not_health_or_metrics(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-        _assert_error(httpx.get(f"{server.base}/v1/models", headers=headers), 401)
-        _assert_error(httpx.post(f"{server.base}/v1/completions", json={"prompt": "x"}, headers=headers), 401)
-        _assert_error(httpx.post(f"{server.base}/tokenize", json={"prompt": "x"}, headers=headers), 401)
+        assert_error(httpx.get(f"{server.base}/v1/models", headers=headers), 401)
+        assert_error(httpx.post(f"{server.base}/v1/completions", json={"prompt": "x"}, headers=headers), 401)
+        assert_error(httpx.post(f"{server.base}/tokenize", json={"prompt": "x"}, headers=headers), 401)
     assert httpx.get(f"{server.base}/health").status_code == 200
     assert httpx.get(f"{server.base}/metrics").status_code == 200
     assert httpx.get(f"{server.base}/version").status_code == 200
@@ -337,11 +248,11 @@ def test_api_key_guards_the_api_but_not_health_or_metrics(server):
 
 def test_unknown_model_and_unknown_path_are_404(server):
     response = server.http.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}, headers=AUTH)
-    assert _assert_error(response, 404)["message"] == "The model `gpt-9` does not exist."
+    assert assert_error(response, 404)["message"] == "The model `gpt-9` does not exist."
     response = server.http.post("/v1/chat/completions", json={"model": "gpt-9", "messages": CHAT}, headers=AUTH)
-    _assert_error(response, 404)
-    _assert_error(server.http.get("/v1/nothing-here", headers=AUTH), 404)
-    _assert_error(server.http.get("/nothing-here"), 404)
+    assert_error(response, 404)
+    assert_error(server.http.get("/v1/nothing-here", headers=AUTH), 404)
+    assert_error(server.http.get("/nothing-here"), 404)
     with pytest.raises(openai.NotFoundError):
         server.client.completions.create(model="gpt-9", prompt="x")
 
@@ -378,7 +289,7 @@ LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 40
 def test_bad_requests_are_400_in_openai_shape(server, path, body, param):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = server.http.post(path, content=content, headers={**AUTH, "content-type": "application/json"})
-    error = _assert_error(response, 400)
+    error = assert_error(response, 400)
     if param is not None:
         assert error["param"] == param, error
 
@@ -569,7 +480,7 @@ def test_junk_bodies_get_4xx_json_while_a_long_stream_goes_on(server):
                 path, data = request
                 response = client.post(path, content=data)
                 assert 400 <= response.status_code < 500, (data[:200], response.status_code, response.text[:300])
-                _assert_error(response, response.status_code)
+                assert_error(response, response.status_code)
 
             junk_is_refused()
     finally:
@@ -591,7 +502,7 @@ class StubEngine:
         self.gate: asyncio.Event | None = None
         self.healthy = True
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, lora_request=None):
         await self.gate.wait()
         if params.max_tokens == 13:  # an engine bug, as the server would meet it
             raise TypeError("unlucky")
@@ -620,7 +531,7 @@ def test_admission_health_and_unexpected_errors(zoo_paths):
             first = asyncio.create_task(client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 1}))
             while app.state.context.in_flight == 0:
                 await asyncio.sleep(0.01)
-            _assert_error(await client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 1}), 503)
+            assert_error(await client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 1}), 503)
             engine.gate.set()
             assert (await first).json()["choices"][0]["text"] == "hi"
             streamed = await client.post("/v1/chat/completions", json={"messages": CHAT, "stream": True})
@@ -628,13 +539,13 @@ def test_admission_health_and_unexpected_errors(zoo_paths):
             assert app.state.context.in_flight == 0
             # an unexpected exception is a 500 in OpenAI's shape (and raises nothing through the transport);
             # in a stream, it is an error event before [DONE]
-            _assert_error(await client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 13}), 500)
+            assert_error(await client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 13}), 500)
             streamed = await client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 13, "stream": True})
             *_, error, done = _sse_events(streamed.text)
             assert json.loads(error)["error"]["code"] == 500 and done == "[DONE]"
             assert app.state.context.in_flight == 0
             engine.healthy = False
-            _assert_error(await client.get("/health"), 503)
+            assert_error(await client.get("/health"), 503)
 
     run_async(main())
 
@@ -660,7 +571,7 @@ def smollm2(tmp_path_factory):
     """``nanoengine serve`` with no model named: the bundled SmolLM2 (bfloat16 on this CPU), on
     the reference path (lesson 15's fast path is not part of lesson 13)."""
     arguments = ["--max-model-len", "512", "--kv-cache-memory", "32MiB", "--no-fast-path"]
-    with _serving(arguments, tmp_path_factory.mktemp("smollm2") / "server.log") as base:
+    with serving(arguments, tmp_path_factory.mktemp("smollm2") / "server.log") as base:
         with openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
             yield base, client
 

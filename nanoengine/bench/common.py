@@ -14,6 +14,8 @@ from typing import Any
 from nanoengine.bench.datasets import load_jsonl_dataset, random_lengths, random_token_prompts
 from nanoengine.bench.machine import describe_machine
 from nanoengine.config import parse_size, speculative_config_flag
+from nanoengine.lora.arguments import add_lora_arguments
+from nanoengine.lora.request import LoRARequest
 from nanoengine.quant.registry import quantization_methods
 
 # flag (argparse dest) -> LLM keyword; a command passes those of its flags that it has, so a
@@ -33,6 +35,9 @@ _ENGINE_FLAGS = {
     "tensor_parallel_size": "tensor_parallel_size",
     "pipeline_parallel_size": "pipeline_parallel_size",
     "distributed_executor_backend": "distributed_executor_backend",
+    "enable_lora": "enable_lora",
+    "max_loras": "max_loras",
+    "max_lora_rank": "max_lora_rank",
 }
 
 
@@ -66,6 +71,26 @@ def add_speculative_arg(p: argparse.ArgumentParser) -> None:
     """``--speculative-config JSON``, as ``vllm bench`` and ``nanoengine serve`` take it (lesson 10)."""
     p.add_argument("--speculative-config", type=speculative_config_flag, default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+
+
+def add_lora_args(p: argparse.ArgumentParser) -> None:
+    """Lesson 14's flags: how many different adapters the requests use, round-robin."""
+    add_lora_arguments(p)
+    p.add_argument("--num-loras", type=int, default=0, metavar="N",
+                   help="request i runs adapter i %% N (implies --enable-lora; 0: the base model)")
+    p.add_argument("--lora-path", type=Path, default=None,
+                   help="a PEFT adapter served under all N ids (default: N random adapters of --max-lora-rank)")
+
+
+def benchmark_loras(args: argparse.Namespace, config, directory: Path) -> list[LoRARequest]:
+    """The ``--num-loras`` adapters the requests cycle through: ``--lora-path`` under N ids, or
+    N random adapters of rank ``--max-lora-rank`` written into ``directory``."""
+    from nanoengine.lora.synthetic import write_random_adapter  # torch: loaded only when a bench runs
+
+    paths = [args.lora_path or write_random_adapter(config, directory / f"adapter{i}", rank=args.max_lora_rank,
+                                                    lora_alpha=2 * args.max_lora_rank, seed=i)
+             for i in range(args.num_loras)]
+    return [LoRARequest(f"adapter{i}", i + 1, str(path)) for i, path in enumerate(paths)]
 
 
 def workload(args: argparse.Namespace, vocab_size: int, iteration: int) -> list[tuple[str | list[int], int]]:

@@ -9,6 +9,10 @@ output tokens/s, and per-request time to first token (TTFT) and time per output 
 the prefix cache never serves one run from an earlier one; a dataset's prompts repeat, so
 measure it with ``--num-iters 1`` or ``--no-enable-prefix-caching``.
 
+``--num-loras N`` (lesson 14) runs request ``i`` with adapter ``i % N``: N random adapters
+of rank ``--max-lora-rank`` (or ``--lora-path`` under N ids), up to ``--max-loras`` of them
+in one step.
+
 ``--static-batching`` runs the same engine the way engines did before continuous batching:
 requests go in waves of ``max_num_seqs`` and a wave starts only when the previous one has
 finished, so a short request's slot idles until the longest of its wave is done.
@@ -21,14 +25,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from nanoengine.bench.common import (
-    add_fast_path_arg, add_quantization_arg, add_workload_args, describe_workload, engine_kwargs, workload, workload_record,
-    write_result,
+    add_fast_path_arg, add_lora_args, add_quantization_arg, add_workload_args, benchmark_loras, describe_workload,
+    engine_kwargs, workload, workload_record, write_result,
 )
 from nanoengine.bench.hf_backend import hf_generate, load_hf_model
 from nanoengine.bench.stats import format_summary, summary
@@ -66,6 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_fast_path_arg(p)
     add_quantization_arg(p)
     add_parallel_arguments(p)
+    add_lora_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=Path, default=None)
     p.set_defaults(func=main)
@@ -106,25 +112,32 @@ class _NanoengineBackend:
     def __init__(self, args: argparse.Namespace) -> None:
         from nanoengine import LLM
 
-        self.llm = LLM(args.model, **engine_kwargs(args))
+        if args.num_loras < 0:
+            raise ValueError(f"--num-loras must be at least 0; got {args.num_loras}")
+        self.llm = LLM(args.model, **engine_kwargs(args, enable_lora=args.enable_lora or args.num_loras > 0))
+        self.adapter_dir = tempfile.TemporaryDirectory(prefix="nanoengine-loras-")
+        self.loras = benchmark_loras(args, self.llm.loaded.hf_config, Path(self.adapter_dir.name))
         self.tokenizer, self.vocab_size = self.llm.get_tokenizer(), self.llm.loaded.hf_config.vocab_size
         self.static_batching, self.max_num_seqs = args.static_batching, args.max_num_seqs
 
     def run(self, requests: Requests, use_tqdm: bool = True) -> dict[str, float]:
         prompts = [{"prompt_token_ids": p} for p, _ in requests]
         params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True, detokenize=False) for _, o in requests]
+        loras = [self.loras[i % len(self.loras)] if self.loras else None for i in range(len(prompts))]
         wave = self.max_num_seqs if self.static_batching else len(prompts)
         started = time.monotonic()
         outputs = []
         for w in range(0, len(prompts), wave):
-            outputs += self.llm.generate(prompts[w : w + wave], params[w : w + wave], use_tqdm=use_tqdm)
+            outputs += self.llm.generate(prompts[w : w + wave], params[w : w + wave], use_tqdm=use_tqdm,
+                                         lora_request=loras[w : w + wave])
         ttft, tpot = _per_request(outputs, started)
         return {**_rates(requests, time.monotonic() - started), "ttft_p50_s": statistics.median(ttft),
                 "tpot_p50_ms": statistics.median(tpot) * 1e3 if tpot else 0.0}
 
     def close(self) -> None:
-        """Stop the engine's other ranks (tensor/pipeline parallelism)."""
+        """Stop the engine's other ranks (tensor/pipeline parallelism); drop generated adapters."""
         self.llm.shutdown()
+        self.adapter_dir.cleanup()
 
     def record(self) -> dict:
         scheduler = self.llm.llm_engine.scheduler
@@ -134,7 +147,10 @@ class _NanoengineBackend:
                 "pipeline_parallel_size": self.llm.loaded.layout.pp.size,
                 "max_num_seqs": self.max_num_seqs, "token_budget": scheduler.token_budget,
                 "preemptions": scheduler.num_preemptions,
-                "prefix_cache_hit_blocks": self.llm.llm_engine.kv_cache_manager.stats.hit_blocks}
+                "prefix_cache_hit_blocks": self.llm.llm_engine.kv_cache_manager.stats.hit_blocks,
+                "num_loras": len(self.loras),
+                **({"max_loras": self.llm.llm_engine.scheduler.max_loras,
+                    "max_lora_rank": self.llm.llm_engine.runner.lora.config.max_lora_rank} if self.loras else {})}
 
 
 class _HfBackend:

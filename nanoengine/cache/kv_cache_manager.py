@@ -16,6 +16,10 @@ handed to the worker in the step's plan.
 Lesson 10 lets a request hold *lookahead* slots past its verified tokens for guessed tokens
 (speculative decoding); once the guesses are checked, ``truncate`` keeps the accepted ones'
 slots and gives the rest back. Guesses are never cached.
+
+Lesson 14 gives a request *extra keys* (its LoRA adapter), which take part in every hash
+of its blocks: the same tokens computed under another adapter have other K/V, so they must
+never be served from the cache.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class KVCacheManager:
         self.stats = PrefixCacheStats()
         self.pending_copies: list[tuple[int, int]] = []
         self.lookahead: dict[str, int] = {}  # slots held past the verified tokens (lesson 10)
+        self.extra_keys: dict[str, tuple] = {}  # keys in every block hash of a request (lesson 14)
         self.trace = trace
 
     @property
@@ -113,7 +118,7 @@ class KVCacheManager:
         # END SOLUTION
 
     def allocate_slots(
-        self, request_id: str, token_ids: Sequence[int], computed_blocks: Sequence[int] = (), extra_keys: tuple = (),
+        self, request_id: str, token_ids: Sequence[int], computed_blocks: Sequence[int] = (),
         num_lookahead_tokens: int = 0,
     ) -> bool:
         """Make room for all of ``token_ids`` (the request's whole sequence so far), plus
@@ -152,8 +157,19 @@ class KVCacheManager:
         if num_lookahead_tokens:
             self.lookahead[request_id] = num_lookahead_tokens
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request_id, token_ids, extra_keys)
+            self._cache_full_blocks(request_id, token_ids, self.extra_keys.get(request_id, ()))
         return True
+
+    def set_extra_keys(self, request_id: str, extra_keys: tuple) -> None:
+        """Make ``extra_keys`` part of every block hash of ``request_id`` (its LoRA adapter,
+        lesson 14), for as long as it lives: they outlast preemption, and a fork's children
+        inherit them. Call :meth:`forget` when the request is gone."""
+        if extra_keys:
+            self.extra_keys[request_id] = extra_keys
+
+    def forget(self, request_id: str) -> None:
+        """The request is gone for good (finished, aborted or forked): drop its extra keys."""
+        self.extra_keys.pop(request_id, None)
 
     def _shared_block_to_write(self, table: list[int], start: int, end: int) -> int | None:
         """The index in ``table`` of a shared, partly filled block that tokens ``start..end``
@@ -194,6 +210,7 @@ class KVCacheManager:
         self.num_tokens[child_id] = self.num_tokens[parent_id]
         if parent_id in self.hashes:
             self.hashes[child_id] = list(self.hashes[parent_id])
+        self.set_extra_keys(child_id, self.extra_keys.get(parent_id, ()))
         self._record("fork", child_id, table)
 
     def truncate(self, request_id: str, token_ids: Sequence[int]) -> None:

@@ -16,12 +16,19 @@ Data parallelism (lesson 12): ``data_parallel_size`` engine processes, each with
 model (or its own tensor-parallel world), serve behind the one front end. The sender puts
 each new request on the replica with the fewest requests in flight and sends its aborts
 there too; each replica has its own receiver thread.
+
+LoRA adapters (lesson 14): a request may carry a :class:`LoRARequest`. Adding or removing an
+adapter is a *utility call* (vLLM's name): sent to every replica, since any of them may get
+a request for it, and answered by each; the caller awaits a future per replica, which the
+receiver threads resolve.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import itertools
 import logging
 import multiprocessing
 import queue
@@ -33,6 +40,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nanoengine.engine.inputs import Prompt
 from nanoengine.engine.output_processor import TextStream
+from nanoengine.lora.request import LoRARequest
 from nanoengine.outputs import PositionLogprobs, RequestOutput
 from nanoengine.sampling_params import SamplingParams
 
@@ -45,7 +53,7 @@ _ABORTED = object()
 @dataclasses.dataclass(slots=True)
 class EngineInfo:
     """What the server needs to know about the loaded model, sent once it is ready
-    (``num_blocks``: of all replicas together)."""
+    (``num_blocks``: of all replicas together; ``enable_lora``: requests may name adapters)."""
 
     model_name: str
     tokenizer: PreTrainedTokenizerBase
@@ -53,6 +61,7 @@ class EngineInfo:
     vocab_size: int
     num_blocks: int
     block_size: int
+    enable_lora: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -189,13 +198,17 @@ class FrontendText:
 def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> None:
     """The engine process: load the model, then step while there is work.
 
-    Messages in: ``("add", request_id, prompt, params)``, ``("abort", request_id)``,
-    ``("shutdown",)``. Messages out: ``("ready", EngineInfo)`` or ``("failed", message)``
-    once, then ``("outputs", [RequestOutput], EngineMetrics)`` after every step or abort (each
-    output carries only what is new since the last one: see :func:`only_new`) and
-    ``("error", request_id, message)`` for a request the engine refused, or
-    ``("fatal", message)`` once, if a rank of its parallel world failed (lesson 12). Waits on
-    the pipe when idle, polls it between steps when busy.
+    Messages in: ``("add", request_id, prompt, params, lora_request)`` (``lora_request``:
+    a :class:`LoRARequest` or None), ``("abort", request_id)``, ``("utility", call_id,
+    method, args)`` (runs ``engine.<method>(*args)``: ``add_lora`` or ``remove_lora``,
+    lesson 14), ``("shutdown",)``. Messages out:
+    ``("ready", EngineInfo)`` or ``("failed", message)`` once, then ``("outputs",
+    [RequestOutput], EngineMetrics)`` after every step or abort (each output carries only
+    what is new since the last one: see :func:`only_new`), ``("error", request_id,
+    message)`` for a request the engine refused, ``("utility", call_id, result, message)``
+    for every utility call (``message``: None, or why it failed), or ``("fatal", message)``
+    once, if a rank of its parallel world failed (lesson 12). Waits on the pipe when idle,
+    polls it between steps when busy.
     """
     from nanoengine.llm import LLM
     from nanoengine.parallel.executor import WorkerFailure
@@ -210,6 +223,7 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
     conn.send(("ready", EngineInfo(
         loaded.path.name, loaded.tokenizer, loaded.max_model_len, loaded.hf_config.vocab_size,
         engine.kv_cache_manager.pool.num_blocks, engine.kv_cache_manager.block_size,
+        bool(llm_kwargs.get("enable_lora")),
     )))
     while True:
         try:
@@ -219,11 +233,14 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
                     llm.shutdown()
                     return
                 if message[0] == "add":
-                    _, request_id, prompt, params = message
+                    _, request_id, prompt, params, lora_request = message
                     try:
-                        engine.add_request(request_id, prompt, params)
+                        engine.add_request(request_id, prompt, params, lora_request=lora_request)
                     except ValueError as exc:
                         conn.send(("error", request_id, str(exc)))
+                elif message[0] == "utility":
+                    _, call_id, method, args = message
+                    conn.send(("utility", call_id, *_run_utility(engine, method, args)))
                 elif message[0] == "abort":
                     engine.abort_request(message[1])
                     sent.pop(message[1], None)
@@ -238,6 +255,29 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
             llm.shutdown()
             return
         conn.send(("outputs", outputs, _snapshot(engine)))
+
+
+def _run_utility(engine, method: str, args: tuple) -> tuple[object, str | None]:
+    """``engine.<method>(*args)``'s result and None, or None and why it failed.
+
+    Any exception is answered, not raised: an adapter the engine refuses (a ValueError
+    naming the problem, the usual failure) or anything unforeseen must not stop the process
+    and every request in it.
+    """
+    try:
+        return getattr(engine, method)(*args), None
+    except ValueError as exc:
+        return None, str(exc)
+    except Exception as exc:  # unforeseen: answered with its type, the process goes on
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _settle(future: asyncio.Future, outcome: object) -> None:
+    """Set a utility call's future (on its loop) unless its caller cancelled it. An exception
+    is its *result*, raised by the caller: a future's own exception would be reported as
+    never retrieved when another replica's failure is raised first."""
+    if not future.done():
+        future.set_result(outcome)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -270,8 +310,10 @@ class AsyncEngine:
 
     Invariants: ``_streams`` holds a queue for every request submitted and not yet finished
     or abandoned; ``_owner`` maps each request the engines may still be running to its
-    replica; every message to an engine goes through the sender thread, every message from
-    one through its replica's receiver thread, so no coroutine ever waits on a pipe.
+    replica; ``_calls`` holds a future for every utility call and replica still to answer
+    it, and each is resolved once, by whoever pops it; every message to an engine goes
+    through the sender thread, every message from one through its replica's receiver
+    thread, so no coroutine ever waits on a pipe.
     """
 
     def __init__(self, replicas: list[tuple[multiprocessing.Process, Connection]], info: EngineInfo) -> None:
@@ -280,6 +322,8 @@ class AsyncEngine:
                           for process, conn in replicas]
         self._owner: dict[str, _Replica] = {}
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._calls: dict[tuple[int, _Replica], asyncio.Future] = {}
+        self._call_ids = itertools.count()
         self._outbox: queue.Queue = queue.Queue()
         threading.Thread(target=self._send_loop, name="nanoengine-send", daemon=True).start()
         for replica in self._replicas:
@@ -311,29 +355,42 @@ class AsyncEngine:
     def _send_loop(self) -> None:
         while True:
             message = self._outbox.get()
-            if message[0] == "shutdown":
-                targets = self._replicas
-            elif message[0] == "add":  # to the replica with the fewest requests in flight
-                load = {replica: 0 for replica in self._replicas if replica.dead is None}
-                for owner in list(self._owner.values()):
-                    if owner in load:
-                        load[owner] += 1
-                if not load:
-                    self._deliver(message[1], RuntimeError(self._dead_reason()))
-                    continue
-                replica = self._owner[message[1]] = min(load, key=load.get)
-                replica.num_requests += 1
-                targets = [replica]
-            else:  # abort: only its replica has it (none: it finished already)
-                owner = self._owner.pop(message[1], None)
-                targets = [owner] if owner is not None else []
-            for replica in targets:
+            for replica in self._targets(message):
                 try:
                     replica.conn.send(message)
                 except (OSError, ValueError):
                     pass
+                if message[0] == "utility" and replica.dead is not None:  # its receiver may be past its sweep
+                    self._answer(message[1], replica, RuntimeError(replica.dead))
             if message[0] == "shutdown":
                 return
+
+    def _targets(self, message: tuple) -> list[_Replica]:
+        """The replicas ``message`` goes to: every one for a shutdown, those with a future
+        waiting for a utility call, the least loaded for a new request, its owner (if any)
+        for an abort."""
+        if message[0] == "shutdown":
+            return self._replicas
+        if message[0] == "utility":
+            return [replica for replica in self._replicas if (message[1], replica) in self._calls]
+        if message[0] == "add":
+            return self._place(message[1])
+        owner = self._owner.pop(message[1], None)  # abort: only its replica has it (none: it finished already)
+        return [owner] if owner is not None else []
+
+    def _place(self, request_id: str) -> list[_Replica]:
+        """Give a new request to the live replica with the fewest requests in flight; none
+        lives: the request fails."""
+        load = {replica: 0 for replica in self._replicas if replica.dead is None}
+        for owner in list(self._owner.values()):
+            if owner in load:
+                load[owner] += 1
+        if not load:
+            self._deliver(request_id, RuntimeError(self._dead_reason()))
+            return []
+        replica = self._owner[request_id] = min(load, key=load.get)
+        replica.num_requests += 1
+        return [replica]
 
     def _receive_loop(self, replica: _Replica) -> None:
         while True:
@@ -347,6 +404,9 @@ class AsyncEngine:
                     if owner is replica:
                         self._owner.pop(request_id, None)
                         self._deliver(request_id, RuntimeError(replica.dead))
+                for call_id, owner in list(self._calls):
+                    if owner is replica:
+                        self._answer(call_id, replica, RuntimeError(replica.dead))
                 return
             if message[0] == "outputs":
                 _, outputs, replica.metrics = message
@@ -357,6 +417,9 @@ class AsyncEngine:
             elif message[0] == "error":
                 self._owner.pop(message[1], None)
                 self._deliver(message[1], ValueError(message[2]))
+            elif message[0] == "utility":
+                _, call_id, result, failure = message
+                self._answer(call_id, replica, result if failure is None else ValueError(failure))
 
     def _dead_reason(self) -> str:
         return "; ".join(sorted({r.dead for r in self._replicas if r.dead})) or "the engine process stopped"
@@ -372,8 +435,52 @@ class AsyncEngine:
             loop, items = stream
             loop.call_soon_threadsafe(items.put_nowait, item)
 
-    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs as they come (the last is ``finished``).
+    def _answer(self, call_id: int, replica: _Replica, outcome: object) -> None:
+        """Resolve ``replica``'s future of a utility call with its result or exception, once
+        (from any thread; a caller that gave up has popped its futures already)."""
+        future = self._calls.pop((call_id, replica), None)
+        if future is not None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop has closed: nobody waits
+                future.get_loop().call_soon_threadsafe(_settle, future, outcome)
+
+    async def _utility(self, method: str, *args: object) -> list:
+        """Run ``engine.<method>(*args)`` in every live replica; their results, in order.
+
+        The first failure is raised once every replica has answered (ValueError: the
+        engine's message; RuntimeError: a replica stopped).
+        """
+        if self._dead:
+            raise RuntimeError(self._dead)
+        loop, call_id = asyncio.get_running_loop(), next(self._call_ids)
+        keys = [(call_id, replica) for replica in self._replicas if replica.dead is None]
+        futures = [loop.create_future() for _ in keys]
+        self._calls.update(zip(keys, futures))
+        self._outbox.put(("utility", call_id, method, args))
+        try:
+            outcomes = await asyncio.gather(*futures)
+        finally:
+            for key in keys:  # answers still to come (a cancelled caller) are dropped
+                self._calls.pop(key, None)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+        return outcomes
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check an adapter in every replica now (lesson 14); False: every replica
+        had it already. A bad adapter raises ValueError naming the problem."""
+        return any(await self._utility("add_lora", lora_request))
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter in every replica (False: none knew it). Requests still running
+        with it finish with it: each engine keeps its weights until they end."""
+        return any(await self._utility("remove_lora", lora_id))
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams, request_id: str, lora_request: LoRARequest | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request (run with adapter ``lora_request``, if given) and yield its outputs
+        as they come (the last is ``finished``).
 
         Stopping early (``break``, ``aclose``, cancellation) aborts the request. The loop
         (task L13.T1) waits on the request's queue: the ``_ABORTED`` marker ends the stream
@@ -395,7 +502,7 @@ class AsyncEngine:
         if params.detokenize:  # the engine sends tokens; text and stop strings are made here
             text = FrontendText(self.info.tokenizer, prompt.token_ids, params)
             params = dataclasses.replace(params, stop=[], detokenize=False)
-        self._outbox.put(("add", request_id, prompt, params))
+        self._outbox.put(("add", request_id, prompt, params, lora_request))
         engine_finished, snapshot = False, None
         # BEGIN SOLUTION L13.T1
         try:

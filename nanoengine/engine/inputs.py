@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from nanoengine.lora.request import LoRARequest
 from nanoengine.request import Request
 from nanoengine.sampling_params import SamplingParams
 
@@ -101,9 +102,11 @@ def check_params_for_model(params: SamplingParams, vocab_size: int) -> None:
 
 
 def make_request(
-    request_id: str, prompt: Prompt, params: SamplingParams, eos_token_ids: frozenset[int], arrival_time: float | None
+    request_id: str, prompt: Prompt, params: SamplingParams, eos_token_ids: frozenset[int], arrival_time: float | None,
+    lora_request: LoRARequest | None = None,
 ) -> Request:
-    """The engine-side request for a checked prompt (arriving now unless told otherwise)."""
+    """The engine-side request for a checked prompt (arriving now unless told otherwise),
+    run with ``lora_request``'s adapter (lesson 14) when given."""
     return Request(
         request_id=request_id,
         prompt=prompt.text,
@@ -111,4 +114,5 @@ def make_request(
         params=params,
         eos_token_ids=eos_token_ids,
         arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+        lora_request=lora_request,
     )

@@ -11,6 +11,10 @@ that share its blocks; its :class:`RequestState` gathers them into one output.
 Lesson 10: with a ``SpeculativeConfig``, a decoding request may gain several tokens in one
 step (its accepted guesses and the target's next token); they are processed in order, and
 any after a token that ends the sequence are dropped.
+
+Lesson 14: with a ``LoRAConfig``, a request may name a LoRA adapter (``lora_request``);
+adapters are read and checked when first seen (or added with :meth:`LLMEngine.add_lora`),
+and any mix of adapters and the base model runs in one step.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import logging
 
 from nanoengine.attention.torch_paged import PagedKVCache
 from nanoengine.cache.kv_cache_manager import KVCacheManager, num_blocks_for_budget
-from nanoengine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from nanoengine.config import CacheConfig, LoRAConfig, SchedulerConfig, SpeculativeConfig
 from nanoengine.engine.inputs import Prompt, check_params_for_model, make_request
 from nanoengine.engine.output_processor import RequestState
+from nanoengine.lora.manager import LoRAManager
+from nanoengine.lora.request import LoRARequest
 from nanoengine.model.loader import LoadedModel
 from nanoengine.outputs import RequestOutput
 from nanoengine.parallel.executor import DistributedExecutor, Executor, UniprocExecutor, WorkerFailure
@@ -75,6 +81,8 @@ class LLMEngine:
     ``executor`` (lesson 12): a :class:`DistributedExecutor` whose rank 0 loaded ``loaded``;
     each step then runs on every rank of its world. Once a rank fails, every request in
     flight fails with its message, and so does every later call (``dead``).
+
+    ``lora`` (lesson 14): adapter slots; the runner's :class:`LoRAManager` holds the adapters.
     """
 
     def __init__(
@@ -86,7 +94,10 @@ class LLMEngine:
         trace: bool = False,
         speculative: SpeculativeConfig | None = None,
         executor: DistributedExecutor | None = None,
+        lora: LoRAConfig | None = None,
     ) -> None:
+        if lora is not None and (executor is not None or speculative is not None):
+            raise ValueError("enable_lora does not run with tensor/pipeline parallelism or speculative decoding yet")
         self.loaded = loaded
         self.dead: str | None = None
         draft = load_draft(speculative, loaded) if speculative else None
@@ -112,8 +123,11 @@ class LLMEngine:
             speculative.num_speculative_tokens if speculative else 0,
             loaded.max_model_len,
             speculative.disable_by_batch_size if speculative else None,
+            lora.max_loras if lora else None,
         )
         self.runner = runner_for(loaded, num_blocks, cache.block_size, seed)
+        if lora is not None:
+            self.runner.lora = LoRAManager(loaded.model, loaded.hf_config, lora, loaded.dtype, loaded.device)
         self.executor: Executor = UniprocExecutor(self.runner)
         if executor is not None:
             executor.start(self.runner, num_blocks, cache.block_size)
@@ -127,6 +141,7 @@ class LLMEngine:
         self.max_num_seqs = scheduler.max_num_seqs
         self.states: dict[str, RequestState] = {}
         self.owner: dict[str, str] = {}
+        self._unloading: set[int] = set()  # adapters removed while requests still use them (lesson 14)
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token); step budget %d tokens, "
             "max_num_seqs %d, prefix caching %s", num_blocks, cache.block_size, capacity, num_blocks * cache.block_size * per_token / 2**20,
@@ -134,18 +149,58 @@ class LLMEngine:
             "on" if cache.enable_prefix_caching else "off",
         )
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None) -> None:
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
+    ) -> None:
         if self.dead:
             raise RuntimeError(self.dead)
         check_params_for_model(params, self.loaded.hf_config.vocab_size)
+        if lora_request is not None:
+            self.add_lora(lora_request)
         if params.n > self.max_num_seqs:
             raise ValueError(f"n ({params.n}) must be at most max_num_seqs ({self.max_num_seqs})")
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = make_request(request_id, prompt, params, self.loaded.eos_token_ids, arrival_time)
+        request = make_request(request_id, prompt, params, self.loaded.eos_token_ids, arrival_time, lora_request)
         self.scheduler.add_request(request)
         self.states[request_id] = RequestState(request, self.loaded.tokenizer, self.loaded.max_model_len)
         self.owner[request_id] = request_id
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check an adapter now, so requests can use it (False: it was added before).
+        A bad adapter raises ValueError naming the problem; requests in flight are untouched."""
+        if self.runner.lora is None:
+            raise ValueError("LoRA adapters need an engine started with enable_lora=True")
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest; got {type(lora_request).__name__}")
+        added = self.runner.lora.add(lora_request)
+        revived = lora_request.lora_int_id in self._unloading
+        self._unloading.discard(lora_request.lora_int_id)
+        return added or revived
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter (False: unknown). Requests still running with it finish with it:
+        its weights go once the last of them is gone."""
+        if lora_id not in self.list_loras():
+            return False
+        self._unloading.add(lora_id)
+        self._drop_unloaded_loras()
+        return True
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters added and not removed."""
+        return set(self.runner.lora.adapters) - self._unloading if self.runner.lora is not None else set()
+
+    def _drop_unloaded_loras(self) -> None:
+        """Free the removed adapters that no live request uses any more."""
+        if not self._unloading:
+            return
+        in_use = {state.request.lora_request.lora_int_id for state in self.states.values()
+                  if state.request.lora_request is not None}
+        for lora_id in self._unloading - in_use:
+            self.runner.lora.remove(lora_id)
+        self._unloading &= in_use
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request (all its sequences) now; its blocks are freed before the next step."""
@@ -155,6 +210,7 @@ class LLMEngine:
         for sequence_id in state.live_sequence_ids():
             self.scheduler.finish_request(sequence_id, RequestStatus.FINISHED_ABORTED)
             del self.owner[sequence_id]
+        self._drop_unloaded_loras()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -196,6 +252,7 @@ class LLMEngine:
         for output in outputs:
             if output.finished:
                 del self.states[output.request_id]
+        self._drop_unloaded_loras()
         return outputs
 
     def _fail_all(self, reason: str) -> WorkerFailure:

@@ -20,6 +20,7 @@ from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
 from nanoengine.cache.kv_cache_manager import KVCacheManager
 from nanoengine.engine.inputs import Prompt, check_params_for_model, make_request
 from nanoengine.engine.output_processor import RequestState
+from nanoengine.lora.request import LoRARequest
 from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel
 from nanoengine.outputs import RequestOutput
@@ -168,7 +169,12 @@ class NaiveEngine:
         )
         return kv_cache_decode(model, request.prompt_token_ids, next_token, cache)
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None) -> None:
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
+    ) -> None:
+        if lora_request is not None:
+            self.add_lora(lora_request)
         check_params_for_model(params, self.loaded.hf_config.vocab_size)
         for name, default in (("n", 1), ("logprobs", None), ("prompt_logprobs", None)):
             if getattr(params, name) != default:
@@ -177,6 +183,11 @@ class NaiveEngine:
                     "01-04 runs one sequence without logprobs; LLMEngine (lesson 06 on) has it"
                 )
         self.queue.append(make_request(request_id, prompt, params, self.loaded.eos_token_ids, arrival_time))
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """LoRA adapters are lesson 14's, on ``LLMEngine``: refused here, by name."""
+        raise ValueError("the one-at-a-time NaiveEngine of lessons 01-04 runs no LoRA adapters; "
+                         "LLMEngine with enable_lora=True (lesson 14) does")
 
     def has_unfinished_requests(self) -> bool:
         return self.current is not None or bool(self.queue)

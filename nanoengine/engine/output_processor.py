@@ -171,4 +171,5 @@ class RequestState:
                 min(first_times, default=None),
                 max(finished_times) if self.finished else None,
             ),
+            lora_request=request.lora_request,
         )

@@ -71,6 +71,7 @@ class LlamaAttention(nn.Module):
             dtype, linear_method_for(quant_config, f"{prefix}.qkv_proj"),
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowLinear(
             config.num_attention_heads * self.head_dim, config.hidden_size, o_bias, dtype,
             linear_method_for(quant_config, f"{prefix}.o_proj"),
@@ -83,7 +84,7 @@ class LlamaAttention(nn.Module):
     def forward(self, rope: RopeTables, hidden: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
-        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q_size, kv_size = self.q_size, self.kv_size
         v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q = self.q_norm(qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from nanoengine.lora.request import LoRARequest
 from nanoengine.sampling_params import SamplingParams
 
 
@@ -18,6 +19,7 @@ class ScheduledRequest:
     ``prompt_token_ids`` / ``output_token_ids`` are the whole sequence so far, which the
     penalties and prompt logprobs of lesson 09 need. ``num_lookahead_tokens``: slots after
     ``token_ids`` in ``block_table`` for that many guessed tokens (speculation, lesson 10).
+    ``lora_request``: the adapter its tokens run with (lesson 14; None: the base model).
     """
 
     request_id: str
@@ -30,6 +32,7 @@ class ScheduledRequest:
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_lookahead_tokens: int = 0
+    lora_request: LoRARequest | None = None
 
 
 @dataclasses.dataclass(slots=True)

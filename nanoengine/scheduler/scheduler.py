@@ -8,6 +8,10 @@ join and leave between any two steps; nobody waits for a whole batch to finish.
 When the pool runs out of blocks for a running request, the newest running request is
 *preempted*: its blocks are freed and it goes back to the front of the waiting queue, to be
 recomputed from its tokens (prompt + output so far) when memory frees up.
+
+Lesson 14: a step may use at most ``max_loras`` LoRA adapters (each needs a slot on the
+device). A waiting request whose adapter would be one too many is set aside for the step,
+and the others are admitted as usual.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Scheduler:
         num_speculative_tokens: int = 0,
         max_model_len: int | None = None,
         speculation_max_batch: int | None = None,
+        max_loras: int | None = None,
     ) -> None:
         if num_speculative_tokens and max_model_len is None:
             raise ValueError("a speculating scheduler needs max_model_len, to keep guesses inside the context")
@@ -46,6 +51,7 @@ class Scheduler:
         self.num_speculative_tokens = num_speculative_tokens
         self.max_model_len = max_model_len
         self.speculation_max_batch = speculation_max_batch
+        self.max_loras = max_loras
         self.token_budget = token_budget
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -63,6 +69,8 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if request.lora_request is not None:
+            self.kv.set_extra_keys(request.request_id, request.lora_request.cache_keys)
         self._record("arrive", request.request_id, token_ids=request.prompt_token_ids)
 
     def has_unfinished_requests(self) -> bool:
@@ -77,6 +85,7 @@ class Scheduler:
         budget = self.token_budget - reserved
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
+        queue = self._set_aside_over_lora_limit()
         # BEGIN SOLUTION L06.T1
         index = 0
         while index < len(self.running) and budget > 0:
@@ -122,6 +131,7 @@ class Scheduler:
         # # 2. Then, if nothing was preempted, admit waiting requests, oldest first, while budget,
         # #    max_num_seqs and free blocks last (a prompt longer than the budget is chunked).
         # END STUB
+        self._restore_waiting(queue)
         if speculate:
             self._reserve_lookahead(scheduled, budget + reserved)
         output = SchedulerOutput(
@@ -134,6 +144,36 @@ class Scheduler:
         if self.trace is not None:
             self.trace.next_step()
         return output
+
+    def _set_aside_over_lora_limit(self) -> list[Request] | None:
+        """Lesson 14: take out of ``waiting``, for this step, each request whose adapter would
+        be one more than ``max_loras`` (counting the running requests' adapters and those of
+        the waiting requests ahead of it). Returns the queue as it was, for
+        :meth:`_restore_waiting` (None: nothing was set aside)."""
+        if self.max_loras is None:
+            return None
+        adapters = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+        admissible = []
+        for request in self.waiting:
+            lora_id = request.lora_request.lora_int_id if request.lora_request is not None else None
+            if lora_id is None or lora_id in adapters or len(adapters) < self.max_loras:
+                admissible.append(request)
+                if lora_id is not None:
+                    adapters.add(lora_id)
+        if len(admissible) == len(self.waiting):
+            return None
+        queue = list(self.waiting)
+        self.waiting = collections.deque(admissible)
+        return queue
+
+    def _restore_waiting(self, queue: list[Request] | None) -> None:
+        """Put the requests set aside back in their places: the step's preempted requests
+        first, then ``queue``'s requests that are still waiting, in its order."""
+        if queue is None:
+            return
+        before = {id(r) for r in queue}
+        preempted = [r for r in self.waiting if id(r) not in before]
+        self.waiting = collections.deque(preempted + [r for r in queue if r.status is RequestStatus.WAITING])
 
     def _guesses_wanted(self, request: Request) -> int:
         """How many guesses a running request could take this step (lesson 10): none unless it
@@ -179,7 +219,7 @@ class Scheduler:
         """
         if request.params.prompt_logprobs is not None:
             return []
-        return self.kv.get_computed_blocks(request.all_token_ids)
+        return self.kv.get_computed_blocks(request.all_token_ids, self.kv.extra_keys.get(request.request_id, ()))
 
     def _count_cache_lookup(self, request: Request, computed_blocks: list[int]) -> None:
         """Add an admitted request's prefix-cache lookup to the hit and query counters."""
@@ -201,6 +241,7 @@ class Scheduler:
             banned_token_ids=request.banned_token_ids(),
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            lora_request=request.lora_request,
         )
 
     def fork(self, parent_id: str, num_children: int) -> list[Request]:
@@ -218,6 +259,7 @@ class Scheduler:
             self.kv.fork(parent_id, child.request_id)
             self.requests[child.request_id] = child
         self.kv.free(parent_id)
+        self.kv.forget(parent_id)
         index = self.running.index(parent)
         self.running[index : index + 1] = children
         self._finished_since_last_step.append(parent_id)
@@ -257,6 +299,7 @@ class Scheduler:
             self.waiting.remove(request)
         if request_id in self.kv.tables:
             self.kv.free(request_id)
+        self.kv.forget(request_id)
         if not request.status.finished:
             request.status = status
         self._finished_since_last_step.append(request_id)

@@ -1,9 +1,10 @@
 """The FastAPI app: OpenAI's routes plus vLLM's operational ones, over one :class:`AsyncEngine`.
 
 ``build_app`` only wires things together: each route's work lives in its own module
-(:mod:`.completions`, :mod:`.chat`, :mod:`.metrics`), errors in :mod:`.errors`, the key
-check in :mod:`.auth`. The app keeps its state (engine, metrics registry, admission count)
-in one :class:`ServingContext`, so several apps can live in one process.
+(:mod:`.completions`, :mod:`.chat`, :mod:`.metrics`, the served models and LoRA adapters in
+:mod:`.models`), errors in :mod:`.errors`, the key check in :mod:`.auth`. The app keeps its
+state (engine, served models, metrics registry, admission count) in one
+:class:`ServingContext`, so several apps can live in one process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from nanoengine import __version__
 from nanoengine.engine.async_engine import AsyncEngine
@@ -21,7 +22,11 @@ from nanoengine.server.completions import create_completion
 from nanoengine.server.context import ServingContext
 from nanoengine.server.errors import APIError, error_response, install_error_handlers
 from nanoengine.server.metrics import ServerMetrics
-from nanoengine.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from nanoengine.server.models import ServedModels
+from nanoengine.server.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRAAdapterRequest, TokenizeRequest,
+    UnloadLoRAAdapterRequest,
+)
 
 
 def build_app(
@@ -42,26 +47,31 @@ def build_app(
         raise ValueError(f"max_queued_requests must be a positive integer; got {max_queued_requests}")
     name = served_model_name or engine.info.model_name
     metrics = ServerMetrics(engine.metrics, engine.info.block_size, name)
-    ctx = ServingContext(engine, name, chat_template, max_queued_requests, metrics)
+    models = ServedModels(engine, name, int(time.time()))
+    ctx = ServingContext(engine, models, chat_template, max_queued_requests, metrics)
     app = FastAPI(title="nanoengine", version=__version__)
     app.state.context = ctx
     install_error_handlers(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    created = int(time.time())
-
-    def model_card() -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "nanoengine",
-                "root": engine.info.model_name, "parent": None, "max_model_len": engine.info.max_model_len}
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": models.cards()}
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str) -> dict:
-        ctx.check_model(model)
-        return model_card()
+        return models.card(model)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        await models.load(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        await models.unload(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -73,7 +83,7 @@ def build_app(
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        ctx.check_model(body.model)
+        models.resolve(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' and 'messages'", "prompt")
         if body.messages is not None:
@@ -84,7 +94,7 @@ def build_app(
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        ctx.check_model(body.model)
+        models.resolve(body.model)
         vocab = engine.info.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:

@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from nanoengine.engine.inputs import Prompt, parse_prompts
+from nanoengine.lora.request import LoRARequest
 from nanoengine.outputs import CompletionOutput, RequestOutput
 from nanoengine.sampling_params import SamplingParams
 from nanoengine.server.context import ServingContext, new_id
@@ -33,8 +34,9 @@ def _logprobs(ctx: ServingContext, params: SamplingParams, c: CompletionOutput, 
 
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, request: Request) -> Response:
-    """Check everything, then answer at once (JSON) or as a stream of events."""
-    ctx.check_model(body.model)
+    """Check everything, then answer at once (JSON) or as a stream of events; ``model``
+    names the base model or an adapter to run with (lesson 14), and the answer names it too."""
+    lora = ctx.models.resolve(body.model)
     info = ctx.info
     rendered = ctx.render_chat(body.messages, body.add_generation_prompt)
     prompts = parse_prompts({"prompt": rendered.text, "prompt_token_ids": rendered.token_ids}, ctx.tokenizer,
@@ -43,10 +45,11 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     request_id, created = new_id("chatcmpl"), int(time.time())
     admission = ctx.admit(1)
     if body.stream:
-        return SSEResponse(_stream(ctx, body, prompts, params, request_id, created), on_close=admission.release)
+        return SSEResponse(_stream(ctx, body, prompts, params, request_id, created, lora),
+                           on_close=admission.release)
     with admission:
         try:
-            finals = await run_unless_disconnected(request, collect(ctx, prompts, [params], request_id))
+            finals = await run_unless_disconnected(request, collect(ctx, prompts, [params], request_id, lora))
         except ClientDisconnected:
             return Response(status_code=499)  # nobody reads it; the request is already aborted
     final = finals[0]
@@ -56,7 +59,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
          "stop_reason": c.stop_reason}
         for c in sorted(final.outputs, key=lambda c: c.index)
     ]
-    answer = {"id": request_id, "object": "chat.completion", "created": created, "model": ctx.model_name,
+    answer = {"id": request_id, "object": "chat.completion", "created": created, "model": body.model or ctx.model_name,
               "choices": choices, "usage": usage(finals)}
     if body.prompt_logprobs is not None:
         answer["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs)
@@ -65,11 +68,12 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
 
 async def _stream(
     ctx: ServingContext, body: ChatCompletionRequest, prompts: list[Prompt], params: SamplingParams,
-    request_id: str, created: int,
+    request_id: str, created: int, lora_request: LoRARequest | None,
 ) -> AsyncIterator[str]:
     """The SSE body: every choice's role chunk, its content deltas and its finish, the
     usage if asked, then ``[DONE]``. An engine failure mid-stream becomes an error event."""
-    head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+            "model": body.model or ctx.model_name}
     if body.include_usage:
         head["usage"] = None
 
@@ -82,7 +86,7 @@ async def _stream(
 
     trackers = [DeltaTracker(params.stop, params.include_stop_str_in_output) for _ in range(params.n)]
     final: RequestOutput | None = None
-    stream = engine_streams(ctx, prompts, [params], request_id)
+    stream = engine_streams(ctx, prompts, [params], request_id, lora_request)
     try:
         for index in range(params.n):
             yield chunk(index, {"role": "assistant", "content": ""})

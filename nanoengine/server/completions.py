@@ -13,6 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from nanoengine.engine.inputs import Prompt, parse_prompts
+from nanoengine.lora.request import LoRARequest
 from nanoengine.outputs import RequestOutput
 from nanoengine.sampling_params import SamplingParams
 from nanoengine.server.context import ServingContext, new_id
@@ -42,8 +43,9 @@ def _prompt_text(ctx: ServingContext, prompt: Prompt) -> str:
 
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest, request: Request) -> Response:
-    """Check everything, then answer at once (JSON) or as a stream of events."""
-    ctx.check_model(body.model)
+    """Check everything, then answer at once (JSON) or as a stream of events; ``model``
+    names the base model or an adapter to run with (lesson 14), and the answer names it too."""
+    lora = ctx.models.resolve(body.model)
     if body.echo and body.logprobs is not None:
         raise ValueError("echo together with logprobs is not supported")
     info = ctx.info
@@ -52,10 +54,11 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     request_id, created = new_id("cmpl"), int(time.time())
     admission = ctx.admit(len(prompts))
     if body.stream:
-        return SSEResponse(_stream(ctx, body, prompts, params, request_id, created), on_close=admission.release)
+        return SSEResponse(_stream(ctx, body, prompts, params, request_id, created, lora),
+                           on_close=admission.release)
     with admission:
         try:
-            finals = await run_unless_disconnected(request, collect(ctx, prompts, params, request_id))
+            finals = await run_unless_disconnected(request, collect(ctx, prompts, params, request_id, lora))
         except ClientDisconnected:
             return Response(status_code=499)  # nobody reads it; the requests are already aborted
     choices = []
@@ -71,8 +74,8 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
             if body.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs)
             choices.append(choice)
-    return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name,
-                         "choices": choices, "usage": usage(finals)})
+    return JSONResponse({"id": request_id, "object": "text_completion", "created": created,
+                         "model": body.model or ctx.model_name, "choices": choices, "usage": usage(finals)})
 
 
 class _ChoiceStream:
@@ -86,16 +89,16 @@ class _ChoiceStream:
 
 async def _stream(
     ctx: ServingContext, body: CompletionRequest, prompts: list[Prompt], params: list[SamplingParams],
-    request_id: str, created: int,
+    request_id: str, created: int, lora_request: LoRARequest | None,
 ) -> AsyncIterator[str]:
     """The SSE body: a chunk per choice whenever its text grows or it ends, the usage if
     asked, then ``[DONE]``. An engine failure mid-stream becomes an error event."""
-    head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name}
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": body.model or ctx.model_name}
     if body.include_usage:
         head["usage"] = None
     choices: dict[int, _ChoiceStream] = {}
     finals: list[RequestOutput | None] = [None] * len(prompts)
-    stream = engine_streams(ctx, prompts, params, request_id)
+    stream = engine_streams(ctx, prompts, params, request_id, lora_request)
     try:
         async for i, output in stream:
             finals[i] = output

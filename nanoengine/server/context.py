@@ -1,4 +1,4 @@
-"""What every handler shares: the engine, the served name, the chat template, admission, metrics."""
+"""What every handler shares: the engine, the served models, the chat template, admission, metrics."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from nanoengine.engine.async_engine import AsyncEngine, EngineInfo
 from nanoengine.engine.inputs import Prompt, render_chat
 from nanoengine.server.errors import APIError
 from nanoengine.server.metrics import ServerMetrics
+from nanoengine.server.models import ServedModels
 from nanoengine.server.protocol import ChatMessage, message_text
 
 
@@ -47,7 +48,7 @@ class ServingContext:
     """
 
     engine: AsyncEngine
-    model_name: str
+    models: ServedModels
     chat_template: str | None
     max_queued_requests: int | None
     metrics: ServerMetrics
@@ -61,10 +62,10 @@ class ServingContext:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.info.tokenizer
 
-    def check_model(self, requested: str | None) -> None:
-        """A client may name the served model or none; any other name is a 404 (as OpenAI)."""
-        if requested is not None and requested != self.model_name:
-            raise APIError(404, f"The model `{requested}` does not exist.", "model")
+    @property
+    def model_name(self) -> str:
+        """The base model's served name (``--served-model-name``, else the model's)."""
+        return self.models.base_name
 
     def admit(self, count: int) -> Admission:
         """Hold ``count`` places in the queue until released; 503 if they would overflow it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from nanoengine.engine.inputs import Prompt
+from nanoengine.lora.request import LoRARequest
 from nanoengine.outputs import RequestOutput
 from nanoengine.sampling_params import SamplingParams
 from nanoengine.server.context import ServingContext
@@ -17,11 +18,14 @@ from nanoengine.server.streams import merge
 
 
 def engine_streams(
-    ctx: ServingContext, prompts: list[Prompt], params: list[SamplingParams], request_id: str
+    ctx: ServingContext, prompts: list[Prompt], params: list[SamplingParams], request_id: str,
+    lora_request: LoRARequest | None,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """The prompts' outputs as they come, tagged with the prompt's position; each finished
-    output is recorded in the metrics. Closing the iterator aborts whatever still runs."""
-    streams = [ctx.engine.generate(p, sp, f"{request_id}-{i}") for i, (p, sp) in enumerate(zip(prompts, params))]
+    """The prompts' outputs (each run with adapter ``lora_request``, if any) as they come,
+    tagged with the prompt's position; each finished output is recorded in the metrics.
+    Closing the iterator aborts whatever still runs."""
+    streams = [ctx.engine.generate(p, sp, f"{request_id}-{i}", lora_request)
+               for i, (p, sp) in enumerate(zip(prompts, params))]
     return _recorded(ctx, merge(streams))
 
 
@@ -38,10 +42,10 @@ async def _recorded(
 
 
 async def collect(ctx: ServingContext, prompts: list[Prompt], params: list[SamplingParams],
-                  request_id: str) -> list[RequestOutput]:
+                  request_id: str, lora_request: LoRARequest | None) -> list[RequestOutput]:
     """Every prompt's final output, in the prompts' order."""
     finals: list[RequestOutput | None] = [None] * len(prompts)
-    stream = engine_streams(ctx, prompts, params, request_id)
+    stream = engine_streams(ctx, prompts, params, request_id, lora_request)
     try:
         async for i, output in stream:
             finals[i] = output

@@ -1,19 +1,27 @@
 """``nanoengine serve``: start the engine process, then serve the OpenAI API with uvicorn.
 
-The engine loads first (and logs its KV cache capacity), so a bad flag or model fails
-before any port is opened; the engine process is shut down however the server stops.
+The engine loads first (and logs its KV cache capacity), then the ``--lora-modules``
+adapters, so a bad flag, model or adapter fails before any port is opened; the engine
+process is shut down however the server stops.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanoengine.config import DTYPES, parse_size, speculative_config_flag
+from nanoengine.lora.arguments import add_lora_arguments, lora_kwargs
 from nanoengine.parallel.launch import add_parallel_arguments, parallel_kwargs
 from nanoengine.quant.registry import quantization_methods
+
+if TYPE_CHECKING:
+    from nanoengine.server.models import ServedModels
 
 logger = logging.getLogger("nanoengine")
 
@@ -23,6 +31,24 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def lora_module_flag(text: str) -> tuple[str, str]:
+    """One ``--lora-modules`` item, ``NAME=PATH`` or vLLM's JSON ``{"name": ..., "path": ...}``,
+    as ``(name, path)``."""
+    if text.lstrip().startswith("{"):
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text}") from None
+        if not isinstance(item, dict) or set(item) != {"name", "path"}:
+            raise argparse.ArgumentTypeError(f'a JSON item needs exactly "name" and "path": {text}')
+        name, path = item["name"], item["path"]
+    else:
+        name, _, path = text.partition("=")
+    if not isinstance(name, str) or not isinstance(path, str) or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (or a JSON object), each non-empty: {text}")
+    return name, path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -57,6 +83,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--speculative-config", type=speculative_config_flag, default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (lesson 10)')
     add_parallel_arguments(p, data_parallel=True)
+    add_lora_arguments(p)
+    p.add_argument("--lora-modules", nargs="+", type=lora_module_flag, default=None, metavar="NAME=PATH",
+                   help='LoRA adapters to serve from the start, each as NAME=PATH or {"name": ..., "path": ...}; '
+                        "a request names one as its model (needs --enable-lora)")
     p.add_argument("--seed", type=int, default=0, help="engine seed")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file")
     p.add_argument("--max-queued-requests", type=int, default=None,
@@ -73,7 +103,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
                   enable_chunked_prefill=args.enable_chunked_prefill, fast_path=args.fast_path,
                   speculative_config=args.speculative_config, quantization=args.quantization,
-                  **parallel_kwargs(args))
+                  **parallel_kwargs(args), **lora_kwargs(args))
     if args.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     return kwargs
@@ -88,6 +118,15 @@ def _read_chat_template(path: str | None) -> str | None:
     return file.read_text(encoding="utf-8")
 
 
+async def _load_lora_modules(models: ServedModels, modules: list[tuple[str, str]]) -> None:
+    """Serve the ``--lora-modules`` adapters, in order; the first that fails stops the server."""
+    for name, path in modules:
+        try:
+            await models.load(name, path)
+        except ValueError as exc:
+            raise ValueError(f"--lora-modules {name}={path}: {exc}") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted; returns the exit code."""
     import uvicorn
@@ -96,6 +135,8 @@ def serve(args: argparse.Namespace) -> int:
     from nanoengine.server.app import build_app
 
     chat_template = _read_chat_template(args.chat_template)
+    if args.lora_modules and not args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
     if args.max_queued_requests is not None and args.max_queued_requests < 1:
         raise ValueError(f"--max-queued-requests must be a positive integer; got {args.max_queued_requests}")
     if args.data_parallel_size < 1:
@@ -115,6 +156,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         app = build_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                         chat_template=chat_template, max_queued_requests=args.max_queued_requests)
+        if args.lora_modules:
+            asyncio.run(_load_lora_modules(app.state.context.models, args.lora_modules))
         host = f"[{args.host}]" if ":" in args.host else args.host
         logger.info("serving %s at http://%s:%d (OpenAI API under /v1)", app.state.context.model_name, host, args.port)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)

@@ -137,6 +137,20 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(_Body):
+    """``POST /v1/load_lora_adapter`` (vLLM's): serve the PEFT adapter at ``lora_path`` as
+    ``lora_name``."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    """``POST /v1/unload_lora_adapter`` (vLLM's): stop serving ``lora_name``."""
+
+    lora_name: str
+
+
 def message_text(message: ChatMessage) -> str:
     """A message's content as one string: text parts joined by newlines (as vLLM)."""
     if message.content is None:

@@ -12,13 +12,14 @@ from nanoengine.viz.block_pool import block_pool_grid, block_tables, slot_states
 from nanoengine.viz.examples import (
     example_beam_output,
     example_logits,
+    example_lora_trace,
     example_paging_manager,
     example_paging_trace,
     example_prefix_manager,
     example_prefix_trace,
     example_scheduler_trace,
 )
-from nanoengine.viz.gantt import gantt_states, scheduler_gantt
+from nanoengine.viz.gantt import adapter_gantt, gantt_states, scheduler_gantt, step_adapters
 from nanoengine.viz.kernel import kernel_thread_mapping
 from nanoengine.viz.memory import paged_vs_contiguous
 from nanoengine.viz.parallel import tensor_parallel_sharding
@@ -37,13 +38,13 @@ from nanoengine.viz.style import save_figure
 from nanoengine.viz.timeline import token_timeline
 
 __all__ = [
-    "accepted_per_step", "allocation_animation", "batching_throughput", "beam_tree", "beam_trie", "block_pool_grid",
-    "block_tables", "cache_hits_per_request", "chunk_size_tradeoff", "example_beam_output", "example_logits",
-    "example_paging_manager", "example_paging_trace", "example_prefix_manager", "example_prefix_trace",
-    "example_scheduler_trace", "explore", "gantt_states", "kernel_thread_mapping", "kv_cache_speed",
-    "model_anatomy", "paged_vs_contiguous", "parameter_counts", "prefix_tree", "prefix_tree_nodes", "progression_chart",
-    "quantization_error_histogram", "quantization_tradeoff", "tradeoff_row", "LESSON11_FORMATS", "format_errors",
-    "request_lives", "RequestLife", "sampling_distributions", "sampling_effects", "save_figure",
-    "scheduler_gantt", "slot_states", "speculation_speedup", "tensor_parallel_sharding", "token_timeline",
-    "trace_colors",
+    "accepted_per_step", "adapter_gantt", "allocation_animation", "batching_throughput", "beam_tree", "beam_trie",
+    "block_pool_grid", "block_tables", "cache_hits_per_request", "chunk_size_tradeoff", "example_beam_output",
+    "example_logits", "example_lora_trace", "example_paging_manager", "example_paging_trace",
+    "example_prefix_manager", "example_prefix_trace", "example_scheduler_trace", "explore", "gantt_states",
+    "kernel_thread_mapping", "kv_cache_speed", "model_anatomy", "paged_vs_contiguous", "parameter_counts",
+    "prefix_tree", "prefix_tree_nodes", "progression_chart", "quantization_error_histogram", "quantization_tradeoff",
+    "tradeoff_row", "LESSON11_FORMATS", "format_errors", "request_lives", "RequestLife", "sampling_distributions",
+    "sampling_effects", "save_figure", "scheduler_gantt", "slot_states", "speculation_speedup", "step_adapters",
+    "tensor_parallel_sharding", "token_timeline", "trace_colors",
 ]

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from matplotlib.axes import Axes
 from matplotlib.collections import PatchCollection
-from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import ConnectionPatch, Patch, Rectangle
 
 from nanoengine.trace import PoolSnapshot, Trace
-from nanoengine.viz.style import request_colors
+from nanoengine.viz.style import pale, request_colors
 
 FREE, FILLED, RESERVED = "free", "filled", "reserved"
 _GAP = 0.6  # between blocks in a row, in slot widths (a slot is 1 x 1)
@@ -192,7 +191,7 @@ def _token_text(ax: Axes, snapshot: PoolSnapshot, block_size: int,
 
 
 def _pale(color: str) -> tuple[float, float, float]:
-    return tuple(1 - 0.3 * (1 - c) for c in to_rgb(color))
+    return pale(color, 0.3)
 
 
 def _legend_handles(snapshot: PoolSnapshot, colors: dict[str, str]) -> list[Patch]:

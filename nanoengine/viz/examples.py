@@ -4,7 +4,7 @@ Lesson 03's paging story: three requests are admitted into a 32-block pool of 4-
 blocks and decode in lock-step, so their blocks interleave; one finishes and leaves holes;
 a fourth arrives and takes blocks further along the free queue. Token ids encode the
 request (A's are 101, 102, ...; B's 201, ...) so a picture shows whose token sits in which
-slot. Lessons 06-07 drive the real scheduler, lesson 08 the prefix cache, and lesson 09
+slot. Lessons 06-07 and 14 drive the real scheduler, lesson 08 the prefix cache, and lesson 09
 hand-writes logits and a bigram table for the sampling and beam-search pictures.
 """
 
@@ -18,7 +18,10 @@ from nanoengine.trace import Trace
 if TYPE_CHECKING:
     import torch
 
+    from nanoengine.lora.request import LoRARequest
+    from nanoengine.request import Request
     from nanoengine.sampling.beam_search import BeamSearchOutput
+    from nanoengine.scheduler import Scheduler
 
 NUM_BLOCKS, BLOCK_SIZE = 32, 4
 
@@ -76,28 +79,72 @@ def example_scheduler_trace() -> tuple[Trace, int]:
 
     Returns the trace and the step's token budget. No model, no torch, the same trace every time.
     """
-    from nanoengine.request import Request
-    from nanoengine.sampling_params import SamplingParams
     from nanoengine.scheduler import Scheduler
-    from nanoengine.scheduler.simulate import simulate_step
 
     trace = Trace(SCHEDULER_NUM_BLOCKS, SCHEDULER_BLOCK_SIZE)
     scheduler = Scheduler(KVCacheManager(SCHEDULER_NUM_BLOCKS, SCHEDULER_BLOCK_SIZE, trace),
                           SCHEDULER_TOKEN_BUDGET, SCHEDULER_MAX_NUM_SEQS, trace=trace)
-    pending = sorted(SCHEDULER_REQUESTS, key=lambda r: r[1])
     first_token = {rid: 100 * (i + 1) + 1 for i, (rid, *_) in enumerate(SCHEDULER_REQUESTS)}
+    _drive(scheduler, [_request(rid, step, first_token[rid], prompt_len, output_len)
+                       for rid, step, prompt_len, output_len in SCHEDULER_REQUESTS])
+    return trace, SCHEDULER_TOKEN_BUDGET
+
+
+def _request(request_id: str, step: int, first_token: int, prompt_len: int, output_len: int,
+             lora_request: LoRARequest | None = None) -> Request:
+    """A request arriving at ``step`` whose prompt counts up from ``first_token``."""
+    from nanoengine.request import Request
+    from nanoengine.sampling_params import SamplingParams
+
+    return Request(request_id, None, list(range(first_token, first_token + prompt_len)),
+                   SamplingParams(max_tokens=output_len, ignore_eos=True), frozenset(), float(step),
+                   lora_request=lora_request)
+
+
+def _drive(scheduler: Scheduler, requests: list[Request]) -> None:
+    """Add each request at the step of its ``arrival_time`` and step the scheduler until all
+    have finished, as ``LLMEngine.step`` would with a model that always samples the same token."""
+    from nanoengine.scheduler.simulate import simulate_step
+
+    pending = sorted(requests, key=lambda r: r.arrival_time)
     step = 0
     while pending or scheduler.has_unfinished_requests():
-        while pending and pending[0][1] <= step:
-            rid, _, prompt_len, output_len = pending.pop(0)
-            prompt = list(range(first_token[rid], first_token[rid] + prompt_len))
-            scheduler.add_request(Request(rid, None, prompt, SamplingParams(max_tokens=output_len, ignore_eos=True),
-                                          frozenset(), float(step)))
+        while pending and pending[0].arrival_time <= step:
+            scheduler.add_request(pending.pop(0))
         simulate_step(scheduler, _SAMPLED_TOKEN)
         step += 1
         if step > 200:
             raise RuntimeError("the example scheduler stopped making progress")
-    return trace, SCHEDULER_TOKEN_BUDGET
+
+
+# Lesson 14: (request id, arrival step, prompt length, output length, adapter or None for the base
+# model). Eight requests over three adapters and the base model, with two adapter slots: lora-3's
+# first request must wait until lora-1's requests are done, while base-model requests and those
+# of adapters already running go ahead.
+LORA_REQUESTS = (("r0", 0, 6, 4, "lora-1"), ("r1", 0, 5, 9, "lora-2"), ("r2", 0, 4, 5, "lora-3"),
+                 ("r3", 0, 6, 6, None), ("r4", 1, 5, 3, "lora-1"), ("r5", 2, 4, 6, "lora-3"),
+                 ("r6", 3, 5, 5, None), ("r7", 4, 6, 4, "lora-2"))
+LORA_NUM_BLOCKS, LORA_BLOCK_SIZE, LORA_TOKEN_BUDGET, LORA_MAX_NUM_SEQS, LORA_MAX_LORAS = 32, 4, 16, 6, 2
+
+
+def example_lora_trace() -> tuple[Trace, dict[str, str | None], int]:
+    """:data:`LORA_REQUESTS` through a real :class:`~nanoengine.scheduler.Scheduler` with
+    ``max_loras`` slots, driven as in :func:`example_scheduler_trace` (no adapter is read:
+    the scheduler only needs their ids).
+
+    Returns the trace, each request's adapter name (None: the base model) and ``max_loras``.
+    """
+    from nanoengine.lora.request import LoRARequest
+    from nanoengine.scheduler import Scheduler
+
+    trace = Trace(LORA_NUM_BLOCKS, LORA_BLOCK_SIZE)
+    scheduler = Scheduler(KVCacheManager(LORA_NUM_BLOCKS, LORA_BLOCK_SIZE, trace), LORA_TOKEN_BUDGET,
+                          LORA_MAX_NUM_SEQS, trace=trace, max_loras=LORA_MAX_LORAS)
+    names = sorted({name for *_, name in LORA_REQUESTS if name})
+    loras = {name: LoRARequest(name, i, f"/adapters/{name}") for i, name in enumerate(names, 1)}
+    _drive(scheduler, [_request(rid, step, 100 * (i + 1) + 1, prompt_len, output_len, loras.get(name))
+                       for i, (rid, step, prompt_len, output_len, name) in enumerate(LORA_REQUESTS)])
+    return trace, {rid: name for rid, *_, name in LORA_REQUESTS}, LORA_MAX_LORAS
 
 
 # Lesson 08: prefix caching. A pool of 10 blocks of 4 tokens; the system prompt is tokens 1..8

@@ -1,9 +1,9 @@
 """``python -m nanoengine.viz.make_figures``: regenerate every figure in ``figures/``.
 
 Inputs are fixed (the bundled model's config and its sharding plan, recorded benchmark JSON
-in ``docs/bench/``, the example paging, scheduler and prefix-cache traces, logits and beams
-of :mod:`nanoengine.viz.examples`, the kernel's default launch shape), so a rerun gives
-byte-identical files.
+in ``docs/bench/``, the example paging, scheduler, prefix-cache and multi-LoRA traces, logits
+and beams of :mod:`nanoengine.viz.examples`, the kernel's default launch shape), so a rerun
+gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from nanoengine.trace import replay  # noqa: E402
 from nanoengine.viz import (  # noqa: E402
     LESSON11_FORMATS,
     accepted_per_step,
+    adapter_gantt,
     batching_throughput,
     beam_tree,
     block_pool_grid,
@@ -31,6 +32,7 @@ from nanoengine.viz import (  # noqa: E402
     chunk_size_tradeoff,
     example_beam_output,
     example_logits,
+    example_lora_trace,
     example_paging_trace,
     example_prefix_trace,
     example_scheduler_trace,
@@ -76,6 +78,7 @@ GALLERY = [
     ("quantization_errors.png", "11", "The error int8, int4 and FP8 leave in SmolLM2's embedding rows, per weight."),
     ("quantization_tradeoff.png", "11", "Per format: weight memory, decode speed at batch 1 and 32, and perplexity of the course text."),
     ("tensor_parallel_sharding.png", "12", "One decoder layer of SmolLM2 over 3 tensor-parallel ranks: each rank's slice of every matrix, and where the ranks communicate."),
+    ("multi_lora_gantt.png", "14", "Eight requests over three adapters and the base model with two adapter slots: who runs, who waits for a slot."),
     ("progression.png", "15", "One workload through every engine of the course, lesson 01's loop to the fast path."),
 ]
 
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         written.append(save_figure(quantization_tradeoff(rows), args.out / "quantization_tradeoff.png"))
     written.append(save_figure(tensor_parallel_sharding(config, 3), args.out / "tensor_parallel_sharding.png"))
+    written.append(save_figure(adapter_gantt(*example_lora_trace()), args.out / "multi_lora_gantt.png"))
     progression = _bench("l15_progression")
     if progression:
         written.append(save_figure(progression_chart(progression), args.out / "progression.png"))

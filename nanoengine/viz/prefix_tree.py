@@ -20,12 +20,12 @@ import dataclasses
 from collections.abc import Iterator
 
 from matplotlib.axes import Axes
-from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Patch
 
 from nanoengine.trace import Trace, TraceEvent
 from nanoengine.viz.block_pool import trace_colors
+from nanoengine.viz.style import pale
 
 _COLUMN, _BOX_W, _BOX_H, _ROW = 2.5, 1.9, 1.0, 1.55  # layout, in data units
 _SCALE = 0.75  # inches per data unit when the tree fits
@@ -270,4 +270,4 @@ def _draw_hits(ax: Axes, hits: dict[str, int], colors: dict[str, str], fontsize:
 
 
 def _pale(color: str) -> tuple[float, float, float]:
-    return tuple(1 - 0.25 * (1 - c) for c in to_rgb(color))
+    return pale(color, 0.25)

@@ -6,6 +6,7 @@ import io
 from collections.abc import Iterable
 from pathlib import Path
 
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 COLORS = {"prompt": "#4C72B0", "new": "#DD8452", "cached": "#D9D9D9", "attn": "#55A868", "mlp": "#C44E52",
@@ -24,6 +25,11 @@ def request_colors(request_ids: Iterable[str | None]) -> dict[str, str]:
     """
     ids = sorted({r for r in request_ids if r is not None})
     return {r: REQUEST_PALETTE[i % len(REQUEST_PALETTE)] for i, r in enumerate(ids)}
+
+
+def pale(color: str, strength: float) -> tuple[float, float, float]:
+    """``color`` washed towards white: ``strength`` 1 keeps it, 0 is white."""
+    return tuple(1 - strength * (1 - c) for c in to_rgb(color))
 
 
 def figure_png(fig: Figure) -> bytes:

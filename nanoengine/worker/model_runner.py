@@ -13,6 +13,7 @@ import torch
 from nanoengine.attention.metadata import AttentionMetadata, build_attention_metadata
 from nanoengine.attention.registry import AttentionFn, default_backend, load_backend
 from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
+from nanoengine.lora.manager import LoRAManager
 from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel
 from nanoengine.parallel.state import split_evenly
@@ -69,7 +70,8 @@ class ModelRunner:
 
     Under tensor parallelism every rank runs the same steps on its share of the model (and
     samples the same tokens, from the same gathered logits); ``samples=False``: a later
-    pipeline stage, which only runs its layers (lesson 12).
+    pipeline stage, which only runs its layers (lesson 12). ``lora``: the adapters it applies
+    (lesson 14), set up by an engine with LoRA enabled.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class ModelRunner:
         self.generator = torch.Generator().manual_seed(seed)
         self.request_generators: dict[str, torch.Generator] = {}
         self.proposer: Proposer | None = None  # lesson 10: set by an engine that speculates
+        self.lora: LoRAManager | None = None  # lesson 14: set by an engine with LoRA enabled
 
     def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -103,6 +106,8 @@ class ModelRunner:
             return ModelRunnerOutput()
         plan, proposals = self._with_proposals(plan)
         scheduled = plan.scheduled
+        if self.lora is not None:
+            self.lora.prepare(scheduled)
         hidden, metadata = self._run_model(scheduled)
         output = ModelRunnerOutput()
         if not self.samples:  # a later pipeline stage: the first stage samples (lesson 12)
