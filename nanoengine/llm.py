@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nanoengine.config import CacheConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
-from nanoengine.engine.inputs import check_params_for_model, params_per_prompt, parse_prompts, render_chat
+from nanoengine.engine.inputs import (
+    check_params_for_model, loras_per_prompt, params_per_prompt, parse_prompts, render_chat,
+)
 from nanoengine.engine.llm_engine import LLMEngine
 from nanoengine.lora.request import LoRARequest
 from nanoengine.model import load_model
@@ -229,12 +231,3 @@ class LLM:
             results.append(BeamSearchOutput(best))
         return results
 
-
-def loras_per_prompt(lora_request: LoRARequest | Sequence[LoRARequest | None] | None, count: int) -> list[LoRARequest | None]:
-    """One adapter (or None) per prompt: a single one is shared; a list must match the prompts."""
-    if lora_request is None or isinstance(lora_request, LoRARequest):
-        return [lora_request] * count
-    loras = list(lora_request)
-    if len(loras) != count or not all(r is None or isinstance(r, LoRARequest) for r in loras):
-        raise ValueError(f"lora_request must be one LoRARequest or a list of {count} (one per prompt, None for none)")
-    return loras

@@ -85,6 +85,16 @@ def params_per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams]
     return params
 
 
+def loras_per_prompt(lora_request: LoRARequest | Sequence[LoRARequest | None] | None, count: int) -> list[LoRARequest | None]:
+    """One adapter (or None) per prompt: a single one is shared; a list must match the prompts."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * count
+    loras = list(lora_request)
+    if len(loras) != count or not all(r is None or isinstance(r, LoRARequest) for r in loras):
+        raise ValueError(f"lora_request must be one LoRARequest or a list of {count} (one per prompt, None for none)")
+    return loras
+
+
 def check_params_for_model(params: SamplingParams, vocab_size: int) -> None:
     """The checks a SamplingParams can only pass against a model: token ids in its vocabulary
     (a bad id would otherwise fail deep inside the sampler, in the middle of a batch)."""
