@@ -7,14 +7,18 @@ step the driver broadcasts the ``SchedulerOutput`` to every rank over a gloo gro
 rank runs the step on its share (the model's own collectives keep them in lockstep), and
 the driver returns its own runner's output: the sampled tokens are read on rank 0.
 
-A rank that dies breaks its connections, so the driver's next collective raises at once;
-the executor turns that into :class:`WorkerFailure`, naming the rank and how it ended, and
-the engine fails the requests in flight instead of waiting forever. (A rank that hangs is
-caught by the collectives' timeout, ``ParallelConfig.timeout_s``.)
+Before each broadcast the driver looks at its spawned workers: one that has exited turns
+into :class:`WorkerFailure`, naming the rank and how it ended, and the engine fails the
+requests in flight instead of waiting. (A send to a dead peer does not reliably fail at once:
+gloo may wait for it to complete.) A rank that dies mid-collective, hangs, or was started by
+torchrun, where the driver holds no process to look at, is caught by the broken connection
+or by the collectives' timeout, ``ParallelConfig.timeout_s``, which the control group
+shares.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import multiprocessing
 import os
@@ -103,7 +107,7 @@ def _join_world(rank: int, config: ModelConfig, parallel: ParallelConfig, init_m
         rank, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, init_method, _backend_for(config),
         parallel.timeout_s,
     )
-    control = dist.new_group(backend="gloo")
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=parallel.timeout_s))
     return layout, control
 
 
@@ -191,12 +195,17 @@ class DistributedExecutor:
     def _send(self, message: object) -> None:
         if self.failed:
             raise WorkerFailure(self.failed)
+        if self._a_worker_exited():
+            raise self._failure(None)
         try:
             _broadcast(message, self.control)
         except RuntimeError as exc:
             raise self._failure(exc) from None
 
-    def _failure(self, exc: Exception) -> WorkerFailure:
+    def _a_worker_exited(self) -> bool:
+        return any(process.exitcode is not None for process in self.workers)
+
+    def _failure(self, exc: Exception | None) -> WorkerFailure:
         """Name what went wrong: a worker that exited, else the collective's own error."""
         for process in self.workers:
             process.join(timeout=1.0)
@@ -209,7 +218,7 @@ class DistributedExecutor:
     def shutdown(self) -> None:
         """Tell the workers to stop, wait for them (kill stragglers), leave the world."""
         if dist.is_initialized():
-            if not self.failed:
+            if not self.failed and not self._a_worker_exited():
                 try:
                     _broadcast(None, self.control)
                 except (RuntimeError, AttributeError):
