@@ -75,3 +75,39 @@ def test_unpermute_inverts_llama_cpp_permutation():
 def test_unknown_gguf_tensor_is_named():
     with pytest.raises(ValueError, match="blk.0.attn_weird.weight"):
         gguf_file.hf_tensor_name("blk.0.attn_weird.weight")
+
+
+def test_the_tokenizer_is_converted_once_then_read_back_the_same(gguf_path, tmp_path, monkeypatch):
+    """The second load reads the saved conversion (converting again would fail here) and
+    encodes, decodes and templates exactly as the conversion does."""
+    from transformers import AutoTokenizer
+
+    from nanoengine.model import tokenizer_cache
+
+    monkeypatch.setenv(tokenizer_cache.CACHE_DIR_VARIABLE, str(tmp_path))
+    converted = tokenizer_cache.gguf_tokenizer(gguf_path)
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
+
+    def no_second_conversion(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the GGUF's tokenizer was converted again"
+        return from_pretrained(*args, **kwargs)
+
+    from_pretrained = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_second_conversion)
+    cached = tokenizer_cache.gguf_tokenizer(gguf_path)
+    for text in ["Hello world", "Ünïcödé 東京 🚀\n\ndef f(x):\n    return x", "<|im_start|>user\nhi<|im_end|>"]:
+        assert cached(text)["input_ids"] == converted(text)["input_ids"]
+    messages = [{"role": "user", "content": "Hi there"}]
+    assert cached.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        converted.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert (cached.eos_token_id, cached.bos_token_id, cached.all_special_ids) == \
+        (converted.eos_token_id, converted.bos_token_id, converted.all_special_ids)
+
+
+def test_an_unwritable_cache_only_costs_the_conversion(gguf_path, tmp_path, monkeypatch):
+    from nanoengine.model import tokenizer_cache
+
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    monkeypatch.setenv(tokenizer_cache.CACHE_DIR_VARIABLE, str(blocked))
+    assert tokenizer_cache.gguf_tokenizer(gguf_path)("Hello")["input_ids"]

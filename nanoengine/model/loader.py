@@ -25,6 +25,7 @@ from nanoengine.model import gguf_file
 from nanoengine.model.bundled import DEFAULT_MODEL, bundled_model_path, bundled_names
 from nanoengine.model.layers.onednn import onednn_packing_available, pack_linear_weights
 from nanoengine.model.registry import model_class_for
+from nanoengine.model.tokenizer_cache import gguf_tokenizer
 from nanoengine.parallel.state import SINGLE, RankLayout, building_for
 from nanoengine.quant.registry import resolve_quantization
 from nanoengine.platform import dtype_name, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
@@ -179,7 +180,7 @@ def load_hf_config(model: str | Path | None) -> PretrainedConfig:
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """The model's tokenizer (and chat template), from its directory or from inside the GGUF."""
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return gguf_tokenizer(path)
     return AutoTokenizer.from_pretrained(path)
 
 
