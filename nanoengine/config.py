@@ -18,6 +18,8 @@ from pathlib import Path
 from nanoengine.quant.registry import check_quantization_name
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What LLM(task=...) does with the model (lesson 16): "auto" embeds with encoders, else generates.
+TASKS = ("auto", "generate", "embed")
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -15,21 +15,25 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from nanoengine.config import CacheConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
+from nanoengine.config import (
+    TASKS, CacheConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig,
+)
 from nanoengine.engine.inputs import (
     check_params_for_model, loras_per_prompt, params_per_prompt, parse_prompts, render_chat,
 )
 from nanoengine.engine.llm_engine import LLMEngine
 from nanoengine.lora.request import LoRARequest
 from nanoengine.model import load_model
-from nanoengine.outputs import RequestOutput
+from nanoengine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from nanoengine.parallel.launch import start_parallel
+from nanoengine.pooling.config import PoolerConfig
+from nanoengine.pooling.embedder import Embedder
 from nanoengine.sampling.beam_search import (
     BeamSearchOutput, BeamSearchParams, BeamSearchSequence, best_beams, expand_beams,
 )
 from nanoengine.sampling_params import SamplingParams
 
-Conversation = list[dict[str, str]]
+Conversation = list[dict]
 
 
 class LLM:
@@ -47,6 +51,9 @@ class LLM:
     ``enable_lora`` (lesson 14): requests may name a PEFT LoRA adapter
     (``generate(..., lora_request=LoRARequest(name, id, path))``); up to ``max_loras``
     adapters, of rank at most ``max_lora_rank``, run in one step beside the base model.
+    ``task`` (lesson 16): ``"generate"``, or ``"embed"`` for :meth:`embed` (one vector per
+    text, pooled as ``pooler_config`` says, else as the model folder says); ``"auto"``
+    embeds with encoder models (BERT) and generates with the rest.
     """
 
     def __init__(
@@ -74,7 +81,11 @@ class LLM:
         enable_lora: bool = False,
         max_loras: int = 4,
         max_lora_rank: int = 16,
+        task: str = "auto",
+        pooler_config: PoolerConfig | dict | None = None,
     ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
         self.model_config = ModelConfig(
             model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device, fast_path=fast_path,
             quantization=quantization,
@@ -91,8 +102,26 @@ class LLM:
             raise ValueError("enable_lora does not run with tensor/pipeline parallelism or speculative decoding yet")
         if parallel.world_size > 1 and speculative is not None:
             raise ValueError("speculative decoding does not run with tensor or pipeline parallelism yet")
-        executor = start_parallel(self.model_config, parallel, seed)
+        pooler = PoolerConfig.from_value(pooler_config)
+        if task == "embed" and (parallel.world_size > 1 or speculative is not None or lora is not None):
+            raise ValueError("task='embed' runs on one rank, without speculative decoding or LoRA")
+        self._request_ids = itertools.count()
+        self.llm_engine: LLMEngine | None = None
+        self.embedder: Embedder | None = None
+        executor = start_parallel(self.model_config, parallel, seed) if task != "embed" else None
         self.loaded = executor.loaded if executor else load_model(self.model_config)
+        is_encoder = getattr(self.loaded.model, "is_encoder", False)
+        if is_encoder and task == "generate":
+            raise ValueError(f"{type(self.loaded.model).__name__} is an encoder: it embeds text (task='embed'), "
+                             "it does not generate")
+        self.task = "embed" if task == "embed" or is_encoder else "generate"
+        if self.task == "embed":
+            if executor or speculative is not None or lora is not None:
+                raise ValueError("an encoder model runs on one rank, without speculative decoding or LoRA")
+            self.embedder = Embedder(self.loaded, pooler, max_num_batched_tokens)
+            return
+        if pooler is not None:
+            raise ValueError("pooler_config is for task='embed'")
         try:
             self.llm_engine = LLMEngine(self.loaded, cache, scheduler, seed=seed, trace=trace,
                                         speculative=speculative, executor=executor, lora=lora)
@@ -100,11 +129,33 @@ class LLM:
             if executor:
                 executor.shutdown()
             raise
-        self._request_ids = itertools.count()
 
     def shutdown(self) -> None:
         """Stop the engine's other ranks (tensor/pipeline parallelism); a no-op on one rank."""
-        self.llm_engine.shutdown()
+        if self.llm_engine is not None:
+            self.llm_engine.shutdown()
+
+    def _generation_engine(self) -> LLMEngine:
+        if self.llm_engine is None:
+            raise ValueError("this LLM embeds (task='embed'); it does not generate: call llm.embed(...)")
+        return self.llm_engine
+
+    def embed(self, prompts: str | dict | Sequence[str | dict], use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """One vector per prompt (lesson 16), in the order of the prompts; prompts as
+        :meth:`generate` takes them. Each must fit the model: ``max_model_len`` tokens, or a
+        sentence-transformers model's ``max_seq_length`` (its ``max_model_len``)."""
+        if self.embedder is None:
+            raise ValueError("this LLM generates; build it with LLM(model, task='embed') to embed")
+        parsed = parse_prompts(prompts, self.loaded.tokenizer, self.loaded.hf_config.vocab_size,
+                               self.loaded.max_model_len, need_room=False)
+        vectors = []
+        with tqdm(total=len(parsed), desc="Embedded prompts", disable=not use_tqdm or len(parsed) < 2) as bar:
+            for start in range(0, len(parsed), 64):
+                chunk = parsed[start : start + 64]
+                vectors += self.embedder.embed([list(p.token_ids) for p in chunk])
+                bar.update(len(chunk))
+        return [EmbeddingRequestOutput(str(next(self._request_ids)), list(p.token_ids), EmbeddingOutput(v.tolist()))
+                for p, v in zip(parsed, vectors)]
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.loaded.tokenizer
@@ -121,14 +172,16 @@ class LLM:
         ``lora_request``: one adapter for every prompt, or a list with one per prompt (None
         in it: the base model), as vLLM takes it (lesson 14).
         """
+        self._generation_engine()
         parsed = parse_prompts(
-            prompts, self.loaded.tokenizer, self.loaded.hf_config.vocab_size, self.loaded.max_model_len
+            prompts, self.loaded.tokenizer, self.loaded.hf_config.vocab_size, self.loaded.max_model_len,
+            processor=self.loaded.processor,
         )
         params = params_per_prompt(sampling_params, len(parsed))
         for p in params:
             check_params_for_model(p, self.loaded.hf_config.vocab_size)
         loras = loras_per_prompt(lora_request, len(parsed))
-        engine = self.llm_engine
+        engine = self._generation_engine()
         for lora in loras:
             if lora is not None:
                 engine.add_lora(lora)  # a bad adapter fails here, before any request is added
@@ -173,21 +226,20 @@ class LLM:
         ``lora_request`` as in :meth:`generate`.
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = []
-        for conversation in conversations:
-            prompt = render_chat(self.loaded.tokenizer, conversation, chat_template, add_generation_prompt)
-            prompts.append({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids})
+        prompts = [render_chat(self.loaded.tokenizer, conversation, chat_template, add_generation_prompt,
+                               self.loaded.processor)
+                   for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Load an adapter before any request needs it (False: already loaded)."""
-        return self.llm_engine.add_lora(lora_request)
+        return self._generation_engine().add_lora(lora_request)
 
     def remove_lora(self, lora_id: int) -> bool:
-        return self.llm_engine.remove_lora(lora_id)
+        return self._generation_engine().remove_lora(lora_id)
 
     def list_loras(self) -> set[int]:
-        return self.llm_engine.list_loras()
+        return self._generation_engine().list_loras()
 
     def beam_search(
         self, prompts: str | dict | Sequence[str | dict], params: BeamSearchParams, use_tqdm: bool = False

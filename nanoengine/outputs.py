@@ -71,3 +71,20 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     lora_request: LoRARequest | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class EmbeddingOutput:
+    """One text's vector (``LLM.embed``, lesson 16); ``hidden_size`` floats."""
+
+    embedding: list[float]
+
+
+@dataclasses.dataclass(slots=True)
+class EmbeddingRequestOutput:
+    """What ``LLM.embed`` returns per prompt, shaped as vLLM's."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True

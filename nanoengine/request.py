@@ -33,6 +33,7 @@ class Request:
     ``status.finished``, no token is
     appended; ``stop_reason`` is set only for a stop string (str) or a stop token id (int).
     ``lora_request``: the adapter every token of it runs with (lesson 14; None: the base model).
+    ``mm_hashes``: digests of its images (lesson 16), which key its blocks in the prefix cache.
     """
 
     request_id: str
@@ -48,6 +49,12 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     lora_request: LoRARequest | None = None
+    mm_hashes: tuple[str, ...] = ()
+
+    @property
+    def cache_keys(self) -> tuple:
+        """What, besides its tokens, its cached blocks depend on: its adapter and its images."""
+        return (*(self.lora_request.cache_keys if self.lora_request is not None else ()), *self.mm_hashes)
 
     @property
     def num_tokens(self) -> int:

@@ -16,6 +16,7 @@ EVENT_KINDS = (
     "alloc", "append", "free",  # blocks (lesson 03)
     "fork", "cow", "hit", "cache", "evict",  # sharing (lesson 08)
     "truncate",  # speculation (lesson 10): rejected guesses' blocks given back, accepted tokens placed
+    "slide",  # sliding window (lesson 16): blocks fallen out of the window given back
     "preempt", "step",
 )
 
@@ -63,13 +64,14 @@ class PoolSnapshot:
     how many tables hold it (above 1: shared, lesson 08); ``tokens[b]`` the token ids
     written so far, which fill it from its first slot (a block is only ever appended to);
     ``cached[b]``: it caches a prefix, so its tokens outlive its last holder until it is
-    evicted; ``tables`` each live request's block table.
+    evicted; ``tables`` each live request's block table (None where a block fell out of its
+    sliding window, lesson 16).
     """
 
     step: int
     owner: list[str | None]
     tokens: list[list[int]]
-    tables: dict[str, list[int]]
+    tables: dict[str, list[int | None]]
     ref_cnt: list[int]
     cached: list[bool]
 
@@ -93,6 +95,13 @@ def replay(trace: Trace) -> list[PoolSnapshot]:
         for b in block_ids:
             ref_cnt[b] += 1
             owner[b] = owner[b] or request_id
+
+    def release(b: int) -> None:
+        ref_cnt[b] -= 1
+        if ref_cnt[b] == 0:
+            owner[b] = None
+            if not cached[b]:
+                tokens[b] = []
 
     for event in trace.events:
         kind, blocks = event.kind, event.block_ids
@@ -127,13 +136,15 @@ def replay(trace: Trace) -> list[PoolSnapshot]:
             cached[blocks[0]] = True
         elif kind == "evict":
             cached[blocks[0]], tokens[blocks[0]] = False, []
+        elif kind == "slide":
+            table = tables[event.request_id]
+            for b in blocks:
+                table[table.index(b)] = None
+                release(b)
         elif kind == "free":
             for b in tables.pop(event.request_id, []):
-                ref_cnt[b] -= 1
-                if ref_cnt[b] == 0:
-                    owner[b] = None
-                    if not cached[b]:
-                        tokens[b] = []
+                if b is not None:
+                    release(b)
     if not trace.events or trace.events[-1].kind != "step":
         snapshots.append(snapshot(trace.step))
     return snapshots

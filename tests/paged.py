@@ -21,14 +21,16 @@ from nanoengine.attention.metadata import AttentionMetadata
 BLOCK_SIZES = [1, 2, 3, 4, 8, 16]
 
 
-def dense_reference(q, k, v, scale, q_offset):
+def dense_reference(q, k, v, scale, q_offset, window=None):
     """One sequence, float64, one query head at a time: the obvious way. Query ``i`` sits at
-    position ``q_offset + i`` of the keys ``k`` / values ``v``."""
+    position ``q_offset + i`` of the keys ``k`` / values ``v`` and sees the keys up to its own
+    (with a sliding ``window``, only the last ``window`` of them)."""
     num_tokens, num_heads, _ = q.shape
     group = num_heads // k.shape[1]
     out = torch.empty(q.shape, dtype=torch.float64)
     query_pos = torch.arange(num_tokens)[:, None] + q_offset
-    future = torch.arange(k.shape[0])[None, :] > query_pos
+    key_pos = torch.arange(k.shape[0])[None, :]
+    future = (key_pos > query_pos) | (key_pos <= query_pos - (window or len(k) + num_tokens + q_offset))
     for h in range(num_heads):
         scores = (q[:, h].double() @ k[:, h // group].double().T) * scale
         out[:, h] = scores.masked_fill(future, float("-inf")).softmax(-1) @ v[:, h // group].double()
@@ -97,11 +99,12 @@ class PagedBatch:
         meta = self.metadata()
         return (self.q, *self.pool(), meta.block_tables, torch.tensor(meta.seq_lens, dtype=torch.int32))
 
-    def expected(self) -> torch.Tensor:
-        """Dense attention of each sequence's new tokens over all its tokens, float64 (``[T, Hq, D]``)."""
+    def expected(self, window: int | None = None) -> torch.Tensor:
+        """Dense attention of each sequence's new tokens over all its tokens (or the last
+        ``window`` of them), float64 (``[T, Hq, D]``)."""
         out, start = [], 0
         for keys, values, (cached, new) in zip(self.keys, self.values, self.seqs):
-            out.append(dense_reference(self.q[start : start + new], keys, values, self.scale, cached))
+            out.append(dense_reference(self.q[start : start + new], keys, values, self.scale, cached, window))
             start += new
         return torch.cat(out)
 

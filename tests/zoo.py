@@ -54,6 +54,24 @@ ZOO = {
     "qwen3-qknorm": ("qwen3", "Qwen3ForCausalLM", {"head_dim": 32}),
 }
 
+# Lesson 16's architectures: saved with the zoo, but kept out of ZOO so that earlier lessons'
+# tests (parametrized over ZOO) never reach lesson 16's code.
+MOE = dict(num_experts_per_tok=2, sliding_window=None)
+MODEL_ZOO = {
+    "mixtral": ("mixtral", "MixtralForCausalLM", {**MOE, "num_local_experts": 4}),
+    # layer 1 is dense (mlp_only_layers); layer 0 has 4 routed experts and a gated shared one
+    "qwen2-moe": ("qwen2_moe", "Qwen2MoeForCausalLM", {**MOE, "num_experts": 4, "moe_intermediate_size": 64,
+                                                       "shared_expert_intermediate_size": 96,
+                                                       "mlp_only_layers": [1]}),
+    # a local layer (window 8, RoPE base 10,000) then a global one; the score scale is not head_dim's
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+    }),
+}
+
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
@@ -73,7 +91,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
-    model_type, arch, extra = ZOO[name]
+    model_type, arch, extra = {**ZOO, **MODEL_ZOO}[name]
     config = AutoConfig.for_model(model_type, architectures=[arch], vocab_size=vocab_size, **{**COMMON, **extra})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
@@ -87,9 +105,50 @@ def build_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
 def save_zoo(root: Path) -> dict[str, Path]:
     tokenizer = build_tokenizer()
     paths = {}
-    for i, name in enumerate(ZOO):
+    for i, name in enumerate({**ZOO, **MODEL_ZOO}):
         path = root / name
         build_model(name, len(tokenizer), seed=i).save_pretrained(path)
         tokenizer.save_pretrained(path)
         paths[name] = path
     return paths
+
+
+IMAGE_TOKEN = "<image>"
+# The tiny LLaVA's chat template: OpenAI-style content parts, an image part as <image>.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_llava(path: Path, seed: int = 0) -> Path:
+    """A tiny random LLaVA (lesson 16): a 2-layer CLIP tower over 32x32 images in 8x8 patches
+    (16 image tokens), a projector and a 2-layer Llama, with its processor."""
+    from transformers import (
+        CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), **{**COMMON, "initializer_range": 0.25})
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         image_seq_length=16)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a larger spread, as the zoo's text models have
+        for name, p in model.named_parameters():
+            if "vision_tower" not in name and p.dim() > 1:
+                p.normal_(0, 0.25)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

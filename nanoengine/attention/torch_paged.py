@@ -15,6 +15,7 @@ import torch
 
 from nanoengine.attention.dense import causal_attention
 from nanoengine.attention.metadata import AttentionMetadata
+from nanoengine.attention.sliding_window import sliding_window_attention
 
 
 class PagedKVCache:
@@ -105,8 +106,11 @@ class PagedAttention:
         self.attention_fn = attention_fn or paged_attention
 
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         write_kv(k_cache, v_cache, k, v, self.metadata.slot_mapping)
+        if sliding_window is not None:
+            return sliding_window_attention(q, k_cache, v_cache, self.metadata, scale, sliding_window)
         return self.attention_fn(q, k_cache, v_cache, self.metadata, scale)

@@ -20,6 +20,12 @@ slots and gives the rest back. Guesses are never cached.
 Lesson 14 gives a request *extra keys* (its LoRA adapter), which take part in every hash
 of its blocks: the same tokens computed under another adapter have other K/V, so they must
 never be served from the cache.
+
+Lesson 16: when every layer of the model attends through a sliding window of ``W`` tokens,
+a block wholly before the window of the request's next token is never read again. The
+manager gives it back at once and marks its table entry :data:`OUT_OF_WINDOW` (positions
+keep indexing the table as before), so a request holds about ``W / block_size + 1`` blocks
+however long it grows.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from collections.abc import Sequence
 from nanoengine.cache.block_pool import BlockPool
 from nanoengine.cache.prefix_hash import BlockHash, block_hashes
 from nanoengine.trace import Trace
+
+# The table entry of a block given back because it fell out of the sliding window (lesson 16).
+OUT_OF_WINDOW = -1
 
 
 def slot_for(block_table: Sequence[int], position: int, block_size: int) -> int:
@@ -69,11 +78,13 @@ class KVCacheManager:
     a block's ``ref_cnt`` equals the number of tables holding it; a block that receives
     tokens in a step is held by exactly one table (no writable block is shared); freeing a
     request drops its references, and blocks nobody holds return to the pool (cached ones
-    keep their prefix until evicted).
+    keep their prefix until evicted). With a ``sliding_window`` (every layer windowed,
+    lesson 16), entries before the window are :data:`OUT_OF_WINDOW` and hold no block.
     """
 
     def __init__(
-        self, num_blocks: int, block_size: int, trace: Trace | None = None, enable_prefix_caching: bool = False
+        self, num_blocks: int, block_size: int, trace: Trace | None = None, enable_prefix_caching: bool = False,
+        sliding_window: int | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1; got {block_size}")
@@ -87,6 +98,7 @@ class KVCacheManager:
         self.pending_copies: list[tuple[int, int]] = []
         self.lookahead: dict[str, int] = {}  # slots held past the verified tokens (lesson 10)
         self.extra_keys: dict[str, tuple] = {}  # keys in every block hash of a request (lesson 14)
+        self.sliding_window = sliding_window
         self.trace = trace
 
     @property
@@ -158,7 +170,16 @@ class KVCacheManager:
             self.lookahead[request_id] = num_lookahead_tokens
         if self.enable_prefix_caching:
             self._cache_full_blocks(request_id, token_ids, self.extra_keys.get(request_id, ()))
+        if self.sliding_window is not None:
+            self._release_out_of_window(request_id, table, start)
         return True
+
+    def _release_out_of_window(self, request_id: str, table: list[int], first_query: int) -> None:
+        """Give back the blocks before the window of this step's first new token."""
+        released = slide_window(table, first_query, self.sliding_window, self.block_size)
+        if released:
+            self.pool.free(released)
+            self._record("slide", request_id, released)
 
     def set_extra_keys(self, request_id: str, extra_keys: tuple) -> None:
         """Make ``extra_keys`` part of every block hash of ``request_id`` (its LoRA adapter,
@@ -205,7 +226,7 @@ class KVCacheManager:
         if child_id in self.tables:
             raise ValueError(f"request id {child_id!r} already has blocks")
         table = list(self.tables[parent_id])
-        self.pool.touch(table)
+        self.pool.touch(_held(table))
         self.tables[child_id] = table
         self.num_tokens[child_id] = self.num_tokens[parent_id]
         if parent_id in self.hashes:
@@ -231,7 +252,7 @@ class KVCacheManager:
         # BEGIN SOLUTION L10.T3
         table = self.tables[request_id]
         keep = math.ceil(num_tokens / self.block_size)
-        released = table[keep:]
+        released = table[keep:]  # the latest blocks: never out of a sliding window
         del table[keep:]
         self.pool.free(released[::-1])
         self.num_tokens[request_id] = num_tokens
@@ -253,7 +274,7 @@ class KVCacheManager:
         The table is released last block first, so when the blocks are cached, a prefix's
         tail is evicted before its head (the head is the part more requests share).
         """
-        table = self.tables.pop(request_id)
+        table = _held(self.tables.pop(request_id))
         del self.num_tokens[request_id]
         self.hashes.pop(request_id, None)
         self.lookahead.pop(request_id, None)
@@ -263,3 +284,21 @@ class KVCacheManager:
     def _record(self, kind: str, request_id: str, block_ids, token_ids=(), first_position: int = 0) -> None:
         if self.trace is not None:
             self.trace.record(kind, request_id, block_ids, token_ids, first_position)
+
+
+def slide_window(table: list[int], first_query: int, window: int, block_size: int) -> list[int]:
+    """Mark, in place, the entries of ``table`` wholly before the window of the token at
+    position ``first_query`` as :data:`OUT_OF_WINDOW`, and return the blocks they held (to
+    give back). That token, and every later one, sees keys from ``first_query - window + 1``
+    on, so the blocks before that key's block are never read again."""
+    # BEGIN SOLUTION L16.T5
+    first_needed = max(0, first_query - window + 1) // block_size
+    released = [block for block in table[:first_needed] if block != OUT_OF_WINDOW]
+    table[:first_needed] = [OUT_OF_WINDOW] * first_needed
+    return released
+    # END SOLUTION
+
+
+def _held(table: list[int]) -> list[int]:
+    """The blocks a table holds: its entries but those given back out of the window."""
+    return [block for block in table if block != OUT_OF_WINDOW]

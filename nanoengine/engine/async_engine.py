@@ -21,6 +21,10 @@ LoRA adapters (lesson 14): a request may carry a :class:`LoRARequest`. Adding or
 adapter is a *utility call* (vLLM's name): sent to every replica, since any of them may get
 a request for it, and answered by each; the caller awaits a future per replica, which the
 receiver threads resolve.
+
+Embedding models (lesson 16): an engine process that embeds (``LLM.task == "embed"``) has
+no steps and no KV cache; it answers each ``embed`` utility call as it comes and refuses
+requests to generate. It runs alone: ``data_parallel_size`` must be 1.
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ _ABORTED = object()
 @dataclasses.dataclass(slots=True)
 class EngineInfo:
     """What the server needs to know about the loaded model, sent once it is ready
-    (``num_blocks``: of all replicas together; ``enable_lora``: requests may name adapters)."""
+    (``num_blocks``: of all replicas together, 0 for an embedding model; ``enable_lora``:
+    requests may name adapters; ``task``: "generate" or "embed", lesson 16; ``processor``: a
+    multimodal model's, which turns images in chat messages into tokens, lesson 16)."""
 
     model_name: str
     tokenizer: PreTrainedTokenizerBase
@@ -62,6 +68,8 @@ class EngineInfo:
     num_blocks: int
     block_size: int
     enable_lora: bool = False
+    task: str = "generate"
+    processor: object | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -200,17 +208,19 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
 
     Messages in: ``("add", request_id, prompt, params, lora_request)`` (``lora_request``:
     a :class:`LoRARequest` or None), ``("abort", request_id)``, ``("utility", call_id,
-    method, args)`` (runs ``engine.<method>(*args)``: ``add_lora`` or ``remove_lora``,
-    lesson 14), ``("shutdown",)``. Messages out:
+    method, args)`` (runs ``llm.<method>(*args)``: ``add_lora`` or ``remove_lora``,
+    lesson 14, ``embed``, lesson 16), ``("shutdown",)``. Messages out:
     ``("ready", EngineInfo)`` or ``("failed", message)`` once, then ``("outputs",
     [RequestOutput], EngineMetrics)`` after every step or abort (each output carries only
     what is new since the last one: see :func:`only_new`), ``("error", request_id,
     message)`` for a request the engine refused, ``("utility", call_id, result, message)``
     for every utility call (``message``: None, or why it failed), or ``("fatal", message)``
     once, if a rank of its parallel world failed (lesson 12). Waits on the pipe when idle,
-    polls it between steps when busy.
+    polls it between steps when busy. An embedding model's process runs
+    :func:`_serve_embeddings` instead.
     """
     from nanoengine.llm import LLM
+    from nanoengine.model.bundled import bundled_names
     from nanoengine.parallel.executor import WorkerFailure
 
     try:
@@ -218,12 +228,20 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
     except Exception as exc:  # report why, the caller raises it
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    engine, loaded = llm.llm_engine, llm.loaded
+    loaded = llm.loaded
+    # a bundled model answers to the name it was asked by (MiniLM's weights sit in a folder called "model")
+    name = model if model in bundled_names() else loaded.path.name
+    if llm.task == "embed":
+        conn.send(("ready", EngineInfo(name, loaded.tokenizer, loaded.max_model_len, loaded.hf_config.vocab_size,
+                                       0, 0, task="embed")))
+        _serve_embeddings(llm, conn, name)
+        return
+    engine = llm.llm_engine
     sent: dict[str, dict[int, int]] = {}  # request id -> sequence index -> tokens already sent
     conn.send(("ready", EngineInfo(
-        loaded.path.name, loaded.tokenizer, loaded.max_model_len, loaded.hf_config.vocab_size,
+        name, loaded.tokenizer, loaded.max_model_len, loaded.hf_config.vocab_size,
         engine.kv_cache_manager.pool.num_blocks, engine.kv_cache_manager.block_size,
-        bool(llm_kwargs.get("enable_lora")),
+        bool(llm_kwargs.get("enable_lora")), processor=loaded.processor,
     )))
     while True:
         try:
@@ -240,7 +258,7 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
                         conn.send(("error", request_id, str(exc)))
                 elif message[0] == "utility":
                     _, call_id, method, args = message
-                    conn.send(("utility", call_id, *_run_utility(engine, method, args)))
+                    conn.send(("utility", call_id, *_run_utility(llm, method, args)))
                 elif message[0] == "abort":
                     engine.abort_request(message[1])
                     sent.pop(message[1], None)
@@ -251,21 +269,45 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
         try:
             outputs = [only_new(output, sent) for output in engine.step()]
         except WorkerFailure as failure:
-            conn.send(("fatal", str(failure)))
+            with contextlib.suppress(OSError):
+                conn.send(("fatal", str(failure)))
             llm.shutdown()
             return
-        conn.send(("outputs", outputs, _snapshot(engine)))
+        try:
+            conn.send(("outputs", outputs, _snapshot(engine)))
+        except OSError:  # the server's process went away mid-step (it was stopped)
+            llm.shutdown()
+            return
 
 
-def _run_utility(engine, method: str, args: tuple) -> tuple[object, str | None]:
-    """``engine.<method>(*args)``'s result and None, or None and why it failed.
+def _serve_embeddings(llm, conn: Connection, name: str) -> None:
+    """An embedding model's process: nothing to step, so it waits on the pipe and answers
+    each message as it comes. An ``embed`` call is answered with its vectors (or why its
+    prompts were refused), a request to generate with an ``error``; an abort has nothing
+    to stop."""
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] == "shutdown":
+                return
+            if message[0] == "add":
+                conn.send(("error", message[1], f"{name} is an embedding model: it does not generate text"))
+            elif message[0] == "utility":
+                _, call_id, method, args = message
+                conn.send(("utility", call_id, *_run_utility(llm, method, args)))
+    except (EOFError, OSError):  # the server's process is gone
+        return
 
-    Any exception is answered, not raised: an adapter the engine refuses (a ValueError
-    naming the problem, the usual failure) or anything unforeseen must not stop the process
-    and every request in it.
+
+def _run_utility(llm, method: str, args: tuple) -> tuple[object, str | None]:
+    """``llm.<method>(*args)``'s result and None, or None and why it failed.
+
+    Any exception is answered, not raised: an adapter or prompt the engine refuses (a
+    ValueError naming the problem, the usual failure) or anything unforeseen must not stop
+    the process and every request in it.
     """
     try:
-        return getattr(engine, method)(*args), None
+        return getattr(llm, method)(*args), None
     except ValueError as exc:
         return None, str(exc)
     except Exception as exc:  # unforeseen: answered with its type, the process goes on
@@ -332,7 +374,7 @@ class AsyncEngine:
     @classmethod
     def start(cls, model: str | None = None, data_parallel_size: int = 1, **llm_kwargs) -> AsyncEngine:
         """Spawn ``data_parallel_size`` engine processes, each running ``LLM(model, **llm_kwargs)``,
-        and wait until every one has loaded its model."""
+        and wait until every one has loaded its model (an embedding model runs in one)."""
         started = [_start_replica(model, llm_kwargs, i) for i in range(data_parallel_size)]
         infos = []
         for process, conn in started:
@@ -341,6 +383,9 @@ class AsyncEngine:
             except EOFError:
                 process.join()
                 message = ("exited", f"the engine process exited while loading (exit code {process.exitcode})")
+            if message[0] == "ready" and message[1].task == "embed" and data_parallel_size > 1:
+                message = ("failed", (f"{message[1].model_name} is an embedding model, served by one engine "
+                                      f"process: data_parallel_size must be 1; got {data_parallel_size}"))
             if message[0] != "ready":
                 for other, other_conn in started:
                     other.kill()
@@ -475,6 +520,15 @@ class AsyncEngine:
         """Forget an adapter in every replica (False: none knew it). Requests still running
         with it finish with it: each engine keeps its weights until they end."""
         return any(await self._utility("remove_lora", lora_id))
+
+    async def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
+        """One vector per token-id list, in order (lesson 16), from the engine process of an
+        embedding model (there is one: :meth:`start` refuses more). Prompts the engine
+        refuses (empty, ids outside the vocabulary, too long) raise ValueError naming the
+        problem, before any is embedded."""
+        prompts = [{"prompt_token_ids": ids} for ids in token_id_lists]
+        (outputs,) = await self._utility("embed", prompts, False)  # False: no progress bar in the engine's log
+        return [output.outputs.embedding for output in outputs]
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams, request_id: str, lora_request: LoRARequest | None = None

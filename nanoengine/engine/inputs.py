@@ -9,20 +9,23 @@ from collections.abc import Sequence
 from transformers import PreTrainedTokenizerBase
 
 from nanoengine.lora.request import LoRARequest
+from nanoengine.multimodal.inputs import MultiModalInputs, images_of, process_prompt, split_chat_images
 from nanoengine.request import Request
 from nanoengine.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass(slots=True)
 class Prompt:
-    """A prompt's text (None when given as ids) and its token ids."""
+    """A prompt's text (None when given as ids) and its token ids; ``mm_inputs``: its images
+    (lesson 16), whose tokens are already in ``token_ids``."""
 
     text: str | None
     token_ids: list[int]
+    mm_inputs: MultiModalInputs | None = None
 
 
 def _as_list(prompts: object) -> list:
-    if isinstance(prompts, (str, dict)):
+    if isinstance(prompts, (str, dict, Prompt)):
         return [prompts]
     if isinstance(prompts, (list, tuple)):
         return list(prompts)
@@ -30,12 +33,20 @@ def _as_list(prompts: object) -> list:
 
 
 def parse_prompts(
-    prompts: object, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_model_len: int
+    prompts: object, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_model_len: int, need_room: bool = True,
+    processor: object | None = None,
 ) -> list[Prompt]:
-    """Tokenize and check every prompt: non-empty, ids in the vocabulary, shorter than the context."""
+    """Tokenize and check every prompt: non-empty, ids in the vocabulary, shorter than the
+    context (with ``need_room`` False, as an embedding needs no generated token: at most as long).
+    A prompt with ``multi_modal_data`` goes through a multimodal model's ``processor``; a
+    :class:`Prompt` (a rendered chat) is only checked."""
     parsed = []
     for i, item in enumerate(_as_list(prompts)):
-        if isinstance(item, str):
+        if isinstance(item, Prompt):
+            prompt = item
+        elif isinstance(item, dict) and "multi_modal_data" in item:
+            prompt = _multimodal_prompt(i, item, processor)
+        elif isinstance(item, str):
             prompt = Prompt(item, tokenizer(item)["input_ids"])
         elif isinstance(item, dict) and "prompt_token_ids" in item:
             ids = item["prompt_token_ids"]
@@ -49,28 +60,50 @@ def parse_prompts(
         bad = [t for t in prompt.token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-        if len(prompt.token_ids) >= max_model_len:
-            raise ValueError(
-                f"prompt {i} is {len(prompt.token_ids)} tokens; max_model_len is {max_model_len}, "
-                "which must leave room for at least one generated token"
-            )
+        if len(prompt.token_ids) > max_model_len - need_room:
+            room = ", which must leave room for at least one generated token" if need_room else ""
+            raise ValueError(f"prompt {i} is {len(prompt.token_ids)} tokens; max_model_len is {max_model_len}{room}")
         parsed.append(prompt)
     return parsed
 
 
+def _multimodal_prompt(i: int, item: dict, processor: object | None) -> Prompt:
+    if processor is None:
+        raise ValueError(f"prompt {i} has multi_modal_data, but this model takes no images")
+    if not isinstance(item.get("prompt"), str):
+        raise ValueError(f"prompt {i}: a prompt with multi_modal_data needs its text as 'prompt'")
+    try:
+        ids, mm_inputs = process_prompt(processor, item["prompt"], images_of(item["multi_modal_data"]),
+                                        processor.image_token_id)
+    except ValueError as exc:
+        raise ValueError(f"prompt {i}: {exc}") from None
+    return Prompt(item["prompt"], ids, mm_inputs)
+
+
 def render_chat(
-    tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]], chat_template: str | None = None,
-    add_generation_prompt: bool = True,
+    tokenizer: PreTrainedTokenizerBase, conversation: list[dict], chat_template: str | None = None,
+    add_generation_prompt: bool = True, processor: object | None = None,
 ) -> Prompt:
     """A conversation as the model's prompt, through its chat template (or ``chat_template``).
 
     The rendered text already holds the template's special tokens, so it is tokenized
-    without adding more.
+    without adding more. Image parts (``image_url``, lesson 16) need a multimodal model's
+    ``processor``, which expands each image's placeholder into its tokens. Every failure is
+    a ValueError naming it (a template that is missing or refuses the conversation too).
     """
-    text = tokenizer.apply_chat_template(
-        conversation, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-    return Prompt(text, tokenizer(text, add_special_tokens=False)["input_ids"])
+    messages, images = split_chat_images(conversation)
+    if images and processor is None:
+        raise ValueError("the conversation has images, but this model takes no images")
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # jinja's errors, or transformers' ValueError for a missing template
+        raise ValueError(f"cannot apply the chat template: {exc}") from None
+    if not images:
+        return Prompt(text, tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids, mm_inputs = process_prompt(processor, text, images, processor.image_token_id)
+    return Prompt(text, ids, mm_inputs)
 
 
 def params_per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
@@ -125,4 +158,5 @@ def make_request(
         eos_token_ids=eos_token_ids,
         arrival_time=time.monotonic() if arrival_time is None else arrival_time,
         lora_request=lora_request,
+        mm_hashes=prompt.mm_inputs.hashes if prompt.mm_inputs is not None else (),
     )

@@ -27,6 +27,7 @@ from nanoengine.config import CacheConfig, LoRAConfig, SchedulerConfig, Speculat
 from nanoengine.engine.inputs import Prompt, check_params_for_model, make_request
 from nanoengine.engine.output_processor import RequestState
 from nanoengine.lora.manager import LoRAManager
+from nanoengine.multimodal.runner import ImageInputs
 from nanoengine.lora.request import LoRARequest
 from nanoengine.model.loader import LoadedModel
 from nanoengine.outputs import RequestOutput
@@ -113,7 +114,8 @@ class LLMEngine:
                 "give it more memory (kv_cache_memory_bytes) or lower max_model_len"
             )
         self.trace = Trace(num_blocks, cache.block_size) if trace else None
-        self.kv_cache_manager = KVCacheManager(num_blocks, cache.block_size, self.trace, cache.enable_prefix_caching)
+        self.kv_cache_manager = KVCacheManager(num_blocks, cache.block_size, self.trace, cache.enable_prefix_caching,
+                                               getattr(loaded.model, "kv_sliding_window", None))
         self.scheduler = Scheduler(
             self.kv_cache_manager,
             scheduler.token_budget(loaded.max_model_len),
@@ -128,6 +130,8 @@ class LLMEngine:
         self.runner = runner_for(loaded, num_blocks, cache.block_size, seed)
         if lora is not None:
             self.runner.lora = LoRAManager(loaded.model, loaded.hf_config, lora, loaded.dtype, loaded.device)
+        if loaded.processor is not None:
+            self.runner.images = ImageInputs(loaded.model)
         self.executor: Executor = UniprocExecutor(self.runner)
         if executor is not None:
             executor.start(self.runner, num_blocks, cache.block_size)
@@ -162,8 +166,15 @@ class LLMEngine:
             raise ValueError(f"n ({params.n}) must be at most max_num_seqs ({self.max_num_seqs})")
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already in use")
+        images = prompt.mm_inputs is not None and bool(prompt.mm_inputs.placeholders)
+        if images and self.runner.images is None:
+            raise ValueError("the prompt has images, but this model takes no images")
+        if images and self.speculative is not None:
+            raise ValueError("prompts with images do not run with speculative decoding yet")
         request = make_request(request_id, prompt, params, self.loaded.eos_token_ids, arrival_time, lora_request)
         self.scheduler.add_request(request)
+        if images:
+            self.runner.images.add(request_id, prompt.mm_inputs)
         self.states[request_id] = RequestState(request, self.loaded.tokenizer, self.loaded.max_model_len)
         self.owner[request_id] = request_id
 

@@ -136,6 +136,9 @@ class NaiveEngine:
     def __init__(self, loaded: LoadedModel, kv_cache: str = "contiguous", block_size: int = 16, seed: int = 0) -> None:
         if kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}; got {kv_cache!r}")
+        if kv_cache == "contiguous" and getattr(loaded.model, "sliding_window_attention", False):
+            raise ValueError("lesson 02's contiguous KV cache has no sliding window, which this model's layers need; "
+                             "use kv_cache='paged' or 'none', or LLM's engine")
         self.loaded = loaded
         self.kv_cache = kv_cache
         self.generator = torch.Generator().manual_seed(seed)

@@ -153,8 +153,11 @@ def _wrap_projections(model: nn.Module, config: LoRAConfig, batch: LoRABatch, dt
     for layer_idx, decoder_layer in enumerate(layers):
         for name, modules in FUSED_MODULES.items():
             parent_name, child = name.split(".")
+            base = getattr(getattr(decoder_layer, parent_name), child, None)
+            if base is None:
+                raise ValueError(f"enable_lora: layer {layer_idx} of {type(model).__name__} has no dense {name} "
+                                 "(its MLP is a mixture of experts); LoRA on experts is not supported")
             parent = getattr(decoder_layer, parent_name)
-            base = getattr(parent, child)
             offsets = getattr(base, "shard_offsets", None)
             slices = [offsets[key] for key in offsets] if offsets else [(0, base.output_size)]
             lora = LoRALinear(base, modules, slices, config.max_loras, config.max_lora_rank, batch, dtype, device)

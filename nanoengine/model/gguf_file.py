@@ -28,6 +28,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 # GGUF architecture -> (HF model_type, HF architecture)
 _ARCHITECTURES = {
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
@@ -43,8 +44,11 @@ _CONFIG_FIELDS = {
     "attention.head_count_kv": "num_key_value_heads",
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "attention.key_length": "head_dim",
+    "attention.sliding_window": "sliding_window",
     "vocab_size": "vocab_size",
 }
+# Gemma 3's local layers rotate with a base llama.cpp does not store (it is fixed by the model).
+_GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK_TENSORS = {
@@ -59,6 +63,13 @@ _BLOCK_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma normalises each sublayer's output too, so its "ffn_norm" is the MLP's input norm.
+_GEMMA3_BLOCK_TENSORS = {
+    **_BLOCK_TENSORS,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 
 
@@ -89,12 +100,15 @@ def gguf_to_hf_config(reader: gguf.GGUFReader) -> PretrainedConfig:
             fields[hf_name] = value
     if "vocab_size" not in fields:
         fields["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
-    theta = _field(reader, f"{arch}.rope.freq_base", 10000.0)
+    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    rope = {"rope_type": "default", "rope_theta": theta}
+    if arch == "gemma3":
+        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_ROPE_THETA}}
     tensor_names = {t.name for t in reader.tensors}
     return AutoConfig.for_model(
         model_type,
         architectures=[hf_arch],
-        rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
+        rope_parameters=rope,
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
@@ -102,14 +116,15 @@ def gguf_to_hf_config(reader: gguf.GGUFReader) -> PretrainedConfig:
     )
 
 
-def hf_tensor_name(gguf_name: str) -> str:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     stem, suffix = gguf_name.rsplit(".", 1)
     if stem in _GLOBAL_TENSORS:
         return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _BLOCK_TENSORS:
-        return f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}.{suffix}"
+    block_tensors = _GEMMA3_BLOCK_TENSORS if arch == "gemma3" else _BLOCK_TENSORS
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in block_tensors:
+        return f"model.layers.{parts[1]}.{block_tensors[parts[2]]}.{suffix}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart known to nanoengine")
 
 
@@ -159,13 +174,18 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 def iter_gguf_weights(
     reader: gguf.GGUFReader, config: PretrainedConfig, native: bool = False
 ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
-    """Every tensor under its HF name (q/k rows un-permuted for llama), dequantized to float32;
-    with ``native``, every block-quantized tensor comes as :class:`GGUFBlocks` instead."""
-    permuted = gguf_architecture(reader) == "llama"
+    """Every tensor under its HF name (q/k rows un-permuted for llama; Gemma's norms back to
+    HF's ``1 + weight`` convention, as llama.cpp's converter stores ``1 + weight``),
+    dequantized to float32; with ``native``, every block-quantized tensor comes as
+    :class:`GGUFBlocks` instead."""
+    arch = gguf_architecture(reader)
+    permuted = arch == "llama"
     for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, arch)
         as_blocks = native and tensor.tensor_type not in _FLOAT_TYPES
         values = tensor.data if as_blocks else dequantize(tensor)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            values = values - 1.0
         if permuted and name.endswith("self_attn.q_proj.weight"):
             values = unpermute_rope_rows(values, config.num_attention_heads)
         elif permuted and name.endswith("self_attn.k_proj.weight"):

@@ -16,7 +16,7 @@ and sends its own on; the last sends the normed result back to the first, which 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 # (cos, sin) of every token's position, [T, 1, head_dim]: looked up once per forward.
 RopeTables = tuple[torch.Tensor, torch.Tensor]
+# Builds a decoder layer's MLP: (config, layer index, dtype, quantization, parameter prefix).
+MLPBuilder = Callable[[PretrainedConfig, int, torch.dtype, "QuantizationConfig | None", str], nn.Module]
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -99,7 +101,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate and up in one matmul."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate and up in one matmul.
+    ``intermediate_size`` overrides the config's (a Qwen2-MoE shared expert has its own)."""
 
     def __init__(
         self,
@@ -107,12 +110,13 @@ class LlamaMLP(nn.Module):
         dtype: torch.dtype,
         quant_config: QuantizationConfig | None = None,
         prefix: str = "",
+        intermediate_size: int | None = None,
     ) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported by the Llama family")
         bias = getattr(config, "mlp_bias", False)
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnLinear(
             config.hidden_size, [inter, inter], bias, dtype, linear_method_for(quant_config, f"{prefix}.gate_up_proj")
         )
@@ -141,6 +145,7 @@ class LlamaDecoderLayer(nn.Module):
         qk_norm: bool,
         quant_config: QuantizationConfig | None = None,
         cache_idx: int | None = None,
+        build_mlp: MLPBuilder | None = None,
     ) -> None:
         super().__init__()
         prefix = f"model.layers.{layer_idx}"
@@ -151,11 +156,18 @@ class LlamaDecoderLayer(nn.Module):
             f"{prefix}.self_attn",
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, dtype, quant_config, f"{prefix}.mlp")
+        self.mlp = (build_mlp or dense_mlp)(config, layer_idx, dtype, quant_config, f"{prefix}.mlp")
 
     def forward(self, rope: RopeTables, hidden: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
         hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), attn)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+def dense_mlp(
+    config: PretrainedConfig, layer_idx: int, dtype: torch.dtype, quant_config: QuantizationConfig | None, prefix: str
+) -> nn.Module:
+    """Every layer's MLP in the dense Llama family (a mixture-of-experts model builds its own)."""
+    return LlamaMLP(config, dtype, quant_config, prefix)
 
 
 class RemoteLayer(nn.Module):
@@ -178,6 +190,7 @@ class LlamaModel(nn.Module):
         qkv_bias: bool,
         qk_norm: bool,
         quant_config: QuantizationConfig | None = None,
+        build_mlp: MLPBuilder | None = None,
     ) -> None:
         super().__init__()
         self.pp = current_layout().pp
@@ -187,14 +200,31 @@ class LlamaModel(nn.Module):
         self.hidden_size, self.dtype = config.hidden_size, dtype
         mine = split_evenly(config.num_hidden_layers, self.pp.size, self.pp.rank)
         self.first_layer, self.num_local_layers = mine.start, len(mine)
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype) if self.pp.is_first else None
-        self.rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
+        self.embed_tokens = self.make_embedding(config, dtype) if self.pp.is_first else None
+        self.rotary = self.make_rotary(config, max_positions)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, dtype, qkv_bias, qk_norm, quant_config, i - mine.start)
+            self.make_layer(config, i, dtype, qkv_bias, qk_norm, quant_config, i - mine.start, build_mlp)
             if i in mine else RemoteLayer()
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if self.pp.is_last else None
+        self.norm = self.make_norm(config, dtype) if self.pp.is_last else None
+
+    # The parts a related architecture swaps (Gemma 3: a scaled embedding, two RoPE tables, its
+    # own layer and norm); the stage bookkeeping above stays the same.
+    def make_embedding(self, config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+        return VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+
+    def make_rotary(self, config: PretrainedConfig, max_positions: int) -> nn.Module:
+        return RotaryEmbedding(config, head_dim_of(config), max_positions)
+
+    def make_layer(
+        self, config: PretrainedConfig, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
+        quant_config: QuantizationConfig | None, cache_idx: int, build_mlp: MLPBuilder | None,
+    ) -> nn.Module:
+        return LlamaDecoderLayer(config, layer_idx, dtype, qkv_bias, qk_norm, quant_config, cache_idx, build_mlp)
+
+    def make_norm(self, config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+        return RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     @property
     def local_layers(self) -> nn.ModuleList:
@@ -211,11 +241,16 @@ class LlamaModel(nn.Module):
         return True
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext, num_layers: int | None = None
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext, num_layers: int | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``num_layers``: run only the first layers (an early-exit draft, lesson 10).
+        ``inputs_embeds``: the first layer's input, given instead of looked up (a multimodal
+        model puts image features at its image tokens' rows, lesson 16).
         On a later pipeline stage the result is only passed on (the first stage samples)."""
-        if self.pp.is_first:
+        if inputs_embeds is not None:
+            hidden = inputs_embeds
+        elif self.pp.is_first:
             hidden = self.embed_tokens(input_ids)
         else:
             hidden = self.pp.recv((input_ids.shape[0], self.hidden_size), self.dtype, input_ids.device, self.pp.rank - 1)
@@ -249,6 +284,9 @@ class LlamaForCausalLM(nn.Module):
     # None: read config.attention_bias; a bool forces q/k/v bias on or off.
     qkv_bias: bool | None = None
     qk_norm: bool = False
+    # each decoder layer's MLP (a mixture-of-experts model builds a router and experts)
+    build_mlp: MLPBuilder = staticmethod(dense_mlp)
+    model_class: type[LlamaModel] = LlamaModel
     # checkpoint name -> (our fused parameter, shard id)
     stacked_params = {
         "q_proj": ("qkv_proj", "q"),
@@ -268,7 +306,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         qkv_bias = self.qkv_bias if self.qkv_bias is not None else getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, dtype, max_positions, qkv_bias, self.qk_norm, quant_config)
+        self.model = self.model_class(config, dtype, max_positions, qkv_bias, self.qk_norm, quant_config, self.build_mlp)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         # The head sits with the embedding, on the first pipeline stage, which samples.
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied) if self.model.pp.is_first else None
@@ -293,19 +331,17 @@ class LlamaForCausalLM(nn.Module):
         expected = {
             (name, shard)
             for name in params
-            for shard in getattr(self.get_submodule(name.rsplit(".", 1)[0]), "shard_offsets", {None: None})
+            for shard in _shards_of(self.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1])
         }
-        loaded: set[tuple[str, str | None]] = set()
+        loaded: set[tuple[str, object]] = set()
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
             if not (self.model.holds(name) if name.startswith("model.") else self.lm_head is not None):
                 continue  # another pipeline stage's
-            target, shard = name, None
-            for ckpt_part, (fused, shard_id) in self.stacked_params.items():
-                if f".{ckpt_part}." in name:
-                    target, shard = name.replace(f".{ckpt_part}.", f".{fused}."), shard_id
-                    break
+            target, shard = self.checkpoint_target(name)
+            if target is None:
+                continue  # an expert another tensor-parallel rank holds
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}")
             module = self.get_submodule(target.rsplit(".", 1)[0])
@@ -317,6 +353,22 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(f"{name}[{shard}]" if shard else name for name, shard in expected - loaded)
         if missing:
             raise ValueError(f"the checkpoint has no tensors for {missing[:8]}{' …' if len(missing) > 8 else ''}")
+
+    def checkpoint_target(self, name: str) -> tuple[str | None, object]:
+        """Which parameter (and shard of it) the checkpoint tensor ``name`` fills; a fused
+        layer's parts map to one parameter. ``(None, None)``: this rank holds no part of it."""
+        for ckpt_part, (fused, shard_id) in self.stacked_params.items():
+            if f".{ckpt_part}." in name:
+                return name.replace(f".{ckpt_part}.", f".{fused}."), shard_id
+        return name, None
+
+
+def _shards_of(module: nn.Module, param_name: str) -> Iterable[object]:
+    """The shards a parameter is loaded in: a fused layer's ``shard_offsets`` (a layer whose
+    parameters differ in their shards says per parameter, with ``shards_of``), else the whole."""
+    if hasattr(module, "shards_of"):
+        return module.shards_of(param_name)
+    return getattr(module, "shard_offsets", {None: None})
 
 
 def _copy_param(param: nn.Parameter, tensor: torch.Tensor, name: str) -> None:

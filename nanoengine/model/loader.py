@@ -18,15 +18,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from nanoengine.config import ModelConfig
 from nanoengine.model import gguf_file
 from nanoengine.model.bundled import DEFAULT_MODEL, bundled_model_path, bundled_names
+from nanoengine.model.chat_formats import fill_in_chat_format, turn_end_token_ids
 from nanoengine.model.layers.onednn import onednn_packing_available, pack_linear_weights
 from nanoengine.model.registry import model_class_for
 from nanoengine.model.tokenizer_cache import gguf_tokenizer
 from nanoengine.parallel.state import SINGLE, RankLayout, building_for
+from nanoengine.pooling.config import sentence_transformers_max_length
 from nanoengine.quant.registry import resolve_quantization
 from nanoengine.platform import dtype_name, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 
@@ -42,7 +44,9 @@ class LoadedModel:
     ``fast_path``: the model was prepared for lesson 15's fast path, and the engine should
     pick its fast kernels too; ``quantization``: the lesson-11 method its linear layers run
     (None: plain weights in ``dtype``); ``layout``: the rank it was built for (lesson 12):
-    ``model`` then holds that rank's share of the weights only.
+    ``model`` then holds that rank's share of the weights only. ``hf_config`` is the language
+    model's config (a multimodal model's ``text_config``: what the KV cache and the vocabulary
+    checks need); ``processor``: a multimodal model's input processor (lesson 16), else None.
     """
 
     model: torch.nn.Module
@@ -56,6 +60,7 @@ class LoadedModel:
     fast_path: bool = False
     quantization: str | None = None
     layout: RankLayout = SINGLE
+    processor: object | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -101,6 +106,9 @@ def load_model(config: ModelConfig, layout: RankLayout = SINGLE) -> LoadedModel:
     hf_config = gguf_file.gguf_to_hf_config(reader) if reader else AutoConfig.from_pretrained(path)
     quant_config = resolve_quantization(config.quantization, hf_config, is_gguf=reader is not None)
     max_model_len = max_model_len_for(hf_config, config.max_model_len)
+    trained_len = sentence_transformers_max_length(path)  # an embedding model's own limit (lesson 16)
+    if config.max_model_len is None and trained_len is not None:
+        max_model_len = min(max_model_len, trained_len)
     if layout.tp.size > 1 and quant_config is not None and quant_config.name in _UNSHARDABLE_QUANTIZATION:
         raise ValueError(f"{quant_config.name} weights cannot be split across tensor-parallel ranks yet; "
                          "use tensor_parallel_size=1, or a method that quantizes as it loads (int8, int4, fp8)")
@@ -125,19 +133,22 @@ def load_model(config: ModelConfig, layout: RankLayout = SINGLE) -> LoadedModel:
             logger.warning("prepacking the weights is not written yet (%s); the layers run unpacked", todo)
     if config.fast_path and device.type == "cpu":
         keep_freed_memory_for_reuse()
-    tokenizer = load_tokenizer(path)
+    processor = AutoProcessor.from_pretrained(path) if getattr(model, "image_token_id", None) is not None else None
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(path)
+    fill_in_chat_format(tokenizer, hf_config)
     loaded = LoadedModel(
         model=model,
-        hf_config=hf_config,
+        hf_config=hf_config.get_text_config(),
         tokenizer=tokenizer,
         path=path,
         dtype=dtype,
         device=device,
         max_model_len=max_model_len,
-        eos_token_ids=_eos_token_ids(path, hf_config, tokenizer),
+        eos_token_ids=_eos_token_ids(path, hf_config.get_text_config(), tokenizer),
         fast_path=config.fast_path,
         quantization=quant_config.name if quant_config is not None else None,
         layout=layout,
+        processor=processor,
     )
     logger.info(
         "loaded %s (%s) as %s%s on %s in %.1f s: %.1f MB of weights; max_model_len=%d%s",
@@ -185,11 +196,14 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 
 def max_model_len_for(hf_config: PretrainedConfig, requested: int | None) -> int:
-    """The longest sequence the engine will run: ``requested``, or what the model supports."""
+    """The longest sequence the engine will run: ``requested``, or what the model supports.
+    A model class that does not apply its config's sliding window (all but Gemma 3's) stops
+    at the window, since a longer sequence would be wrong."""
+    windowed = getattr(model_class_for(hf_config), "sliding_window_attention", False)
+    hf_config = hf_config.get_text_config()
     limit = hf_config.max_position_embeddings
-    # Without sliding-window attention, a sequence longer than the window would be wrong.
     window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True):
+    if window and getattr(hf_config, "use_sliding_window", True) and not windowed:
         limit = min(limit, window)
     if requested is None:
         return limit
@@ -208,7 +222,7 @@ def _iter_safetensors(path: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], i
 
 
 def _eos_token_ids(path: Path, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    ids: set[int] = set()
+    ids: set[int] = turn_end_token_ids(tokenizer, hf_config)
     sources = [hf_config.eos_token_id, tokenizer.eos_token_id]
     if path.is_dir() and (path / "generation_config.json").is_file():
         sources.append(GenerationConfig.from_pretrained(path).eos_token_id)

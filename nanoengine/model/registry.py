@@ -8,9 +8,14 @@ from transformers import PretrainedConfig
 
 # HF architecture name -> (module under nanoengine.model, class name)
 _ARCHITECTURES = {
+    "BertModel": ("bert", "BertModel"),
+    "Gemma3ForCausalLM": ("gemma", "Gemma3ForCausalLM"),
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
     "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
     "Qwen2ForCausalLM": ("qwen", "Qwen2ForCausalLM"),
+    "Qwen2MoeForCausalLM": ("mixtral", "Qwen2MoeForCausalLM"),
     "Qwen3ForCausalLM": ("qwen", "Qwen3ForCausalLM"),
 }
 

@@ -69,8 +69,8 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
-        if request.lora_request is not None:
-            self.kv.set_extra_keys(request.request_id, request.lora_request.cache_keys)
+        if request.cache_keys:
+            self.kv.set_extra_keys(request.request_id, request.cache_keys)
         self._record("arrive", request.request_id, token_ids=request.prompt_token_ids)
 
     def has_unfinished_requests(self) -> bool:

@@ -1,10 +1,10 @@
 """The FastAPI app: OpenAI's routes plus vLLM's operational ones, over one :class:`AsyncEngine`.
 
 ``build_app`` only wires things together: each route's work lives in its own module
-(:mod:`.completions`, :mod:`.chat`, :mod:`.metrics`, the served models and LoRA adapters in
-:mod:`.models`), errors in :mod:`.errors`, the key check in :mod:`.auth`. The app keeps its
-state (engine, served models, metrics registry, admission count) in one
-:class:`ServingContext`, so several apps can live in one process.
+(:mod:`.completions`, :mod:`.chat`, :mod:`.embeddings`, :mod:`.metrics`, the served models
+and LoRA adapters in :mod:`.models`), errors in :mod:`.errors`, the key check in
+:mod:`.auth`. The app keeps its state (engine, served models, metrics registry, admission
+count) in one :class:`ServingContext`, so several apps can live in one process.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from nanoengine.server.auth import APIKeyMiddleware
 from nanoengine.server.chat import create_chat_completion
 from nanoengine.server.completions import create_completion
 from nanoengine.server.context import ServingContext
+from nanoengine.server.embeddings import create_embedding
 from nanoengine.server.errors import APIError, error_response, install_error_handlers
 from nanoengine.server.metrics import ServerMetrics
 from nanoengine.server.models import ServedModels
 from nanoengine.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRAAdapterRequest, TokenizeRequest,
-    UnloadLoRAAdapterRequest,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, LoadLoRAAdapterRequest,
+    TokenizeRequest, UnloadLoRAAdapterRequest,
 )
 
 
@@ -80,6 +81,10 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(ctx, body, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> Response:
+        return await create_embedding(ctx, body)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:

@@ -37,10 +37,10 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     """Check everything, then answer at once (JSON) or as a stream of events; ``model``
     names the base model or an adapter to run with (lesson 14), and the answer names it too."""
     lora = ctx.models.resolve(body.model)
+    ctx.check_task("generate")
     info = ctx.info
     rendered = ctx.render_chat(body.messages, body.add_generation_prompt)
-    prompts = parse_prompts({"prompt": rendered.text, "prompt_token_ids": rendered.token_ids}, ctx.tokenizer,
-                            info.vocab_size, info.max_model_len)
+    prompts = parse_prompts(rendered, ctx.tokenizer, info.vocab_size, info.max_model_len)
     params = to_sampling_params(body, len(prompts[0].token_ids), info.max_model_len, info.vocab_size)
     request_id, created = new_id("chatcmpl"), int(time.time())
     admission = ctx.admit(1)

@@ -46,6 +46,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     """Check everything, then answer at once (JSON) or as a stream of events; ``model``
     names the base model or an adapter to run with (lesson 14), and the answer names it too."""
     lora = ctx.models.resolve(body.model)
+    ctx.check_task("generate")
     if body.echo and body.logprobs is not None:
         raise ValueError("echo together with logprobs is not supported")
     info = ctx.info

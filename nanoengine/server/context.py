@@ -12,7 +12,7 @@ from nanoengine.engine.inputs import Prompt, render_chat
 from nanoengine.server.errors import APIError
 from nanoengine.server.metrics import ServerMetrics
 from nanoengine.server.models import ServedModels
-from nanoengine.server.protocol import ChatMessage, message_text
+from nanoengine.server.protocol import ChatMessage, message_content
 
 
 class Admission:
@@ -67,6 +67,18 @@ class ServingContext:
         """The base model's served name (``--served-model-name``, else the model's)."""
         return self.models.base_name
 
+    def check_task(self, task: str) -> None:
+        """400 unless the served model does ``task`` ("generate" or "embed", lesson 16): a
+        route for the other kind says which model it needs."""
+        if self.info.task == task:
+            return
+        if task == "generate":
+            message = f"{self.model_name} is an embedding model: it does not generate text; use /v1/embeddings"
+        else:
+            message = (f"{self.model_name} generates text; it does not embed: start the server with an embedding "
+                       "model (e.g. `nanoengine serve all-minilm-l6-v2`) or with --task embed")
+        raise APIError(400, message, "model")
+
     def admit(self, count: int) -> Admission:
         """Hold ``count`` places in the queue until released; 503 if they would overflow it."""
         limit = self.max_queued_requests
@@ -77,12 +89,10 @@ class ServingContext:
         return Admission(self, count)
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> Prompt:
-        """The conversation as the model's prompt (``engine.inputs.render_chat``), with a
-        template that fails on it turned into a clear ValueError (a 400)."""
+        """The conversation as the model's prompt (``engine.inputs.render_chat``; images go
+        through a multimodal model's processor); what it cannot render is a ValueError (a 400)."""
         if not messages:
             raise ValueError("messages must hold at least one message")
-        conversation = [{"role": m.role, "content": message_text(m)} for m in messages]
-        try:
-            return render_chat(self.tokenizer, conversation, self.chat_template, add_generation_prompt)
-        except Exception as exc:  # a missing template or one that refuses the conversation
-            raise ValueError(f"cannot apply the chat template: {exc}") from None
+        conversation = [{"role": m.role, "content": message_content(m)} for m in messages]
+        return render_chat(self.tokenizer, conversation, self.chat_template, add_generation_prompt,
+                           self.engine.info.processor)

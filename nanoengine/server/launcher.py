@@ -1,8 +1,9 @@
 """``nanoengine serve``: start the engine process, then serve the OpenAI API with uvicorn.
 
 The engine loads first (and logs its KV cache capacity), then the ``--lora-modules``
-adapters, so a bad flag, model or adapter fails before any port is opened; the engine
-process is shut down however the server stops.
+adapters, so a bad flag, model or adapter fails before any port is opened (so does an
+embedding model with data parallelism, LoRA or speculative decoding: the engine refuses
+them); the engine process is shut down however the server stops.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nanoengine.config import DTYPES, parse_size, speculative_config_flag
+from nanoengine.config import DTYPES, TASKS, parse_size, speculative_config_flag
 from nanoengine.lora.arguments import add_lora_arguments, lora_kwargs
 from nanoengine.parallel.launch import add_parallel_arguments, parallel_kwargs
 from nanoengine.quant.registry import quantization_methods
@@ -61,6 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
+    p.add_argument("--task", default="auto", choices=TASKS,
+                   help="generate text, or embed it (POST /v1/embeddings, lesson 16); auto: encoders (BERT) embed")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES))
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
@@ -102,7 +105,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                   kv_cache_memory_bytes=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
                   enable_chunked_prefill=args.enable_chunked_prefill, fast_path=args.fast_path,
-                  speculative_config=args.speculative_config, quantization=args.quantization,
+                  speculative_config=args.speculative_config, quantization=args.quantization, task=args.task,
                   **parallel_kwargs(args), **lora_kwargs(args))
     if args.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization

@@ -115,6 +115,10 @@ class ServerMetrics:
         if times.finished_time is not None:
             self.e2e.labels(name).observe(max(0.0, times.finished_time - times.arrival_time))
 
+    def observe_embedded(self, num_prompt_tokens: int) -> None:
+        """Record an embedding request (lesson 16): its prompt tokens; it generates none."""
+        self.prompt_tokens.labels(self.model_name).inc(num_prompt_tokens)
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

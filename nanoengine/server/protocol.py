@@ -10,7 +10,7 @@ API refuse exactly the same things with the same messages.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -99,14 +99,22 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
 
 
-class TextPart(_Body):
+class ImageURL(_Body):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(_Body):
+    """A part of a message's content: ``text``, or ``image_url`` (a multimodal model, lesson 16)."""
+
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(_Body):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
@@ -137,6 +145,19 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+class EmbeddingRequest(_Body):
+    """``POST /v1/embeddings`` (lesson 16): ``input`` is a text, token ids, or a list of
+    either; ``encoding_format`` "base64" sends each vector as little-endian float32 bytes
+    (what the ``openai`` client asks for). ``dimensions`` (a shortened vector) is accepted
+    only as None: no served model is trained for it."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
 class LoadLoRAAdapterRequest(_Body):
     """``POST /v1/load_lora_adapter`` (vLLM's): serve the PEFT adapter at ``lora_path`` as
     ``lora_name``."""
@@ -151,20 +172,22 @@ class UnloadLoRAAdapterRequest(_Body):
     lora_name: str
 
 
-def message_text(message: ChatMessage) -> str:
-    """A message's content as one string: text parts joined by newlines (as vLLM)."""
+def message_content(message: ChatMessage) -> str | list[dict]:
+    """A message's content as the chat template takes it: one string, its text parts joined
+    by newlines (as vLLM); or, when it has images, the list of parts in OpenAI's shape."""
     if message.content is None:
         return ""
     if isinstance(message.content, str):
         return message.content
-    texts = []
     for part in message.content:
-        if part.type != "text":
-            raise ValueError(f"content parts of type {part.type!r} are not supported; only 'text'")
-        if part.text is None:
-            raise ValueError("a content part of type 'text' needs a 'text' field")
-        texts.append(part.text)
-    return "\n".join(texts)
+        if part.type not in ("text", "image_url"):
+            raise ValueError(f"content parts of type {part.type!r} are not supported; only 'text' and 'image_url'")
+        if (part.type == "text") != (part.text is not None) or (part.type == "image_url") != (part.image_url is not None):
+            raise ValueError(f"a content part of type {part.type!r} needs a {part.type!r} field, and only that")
+    if all(part.type == "text" for part in message.content):
+        return "\n".join(part.text for part in message.content)
+    return [{"type": "text", "text": part.text} if part.type == "text" else
+            {"type": "image_url", "image_url": {"url": part.image_url.url}} for part in message.content]
 
 
 def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:

@@ -18,6 +18,7 @@ from nanoengine.viz.examples import (
     example_prefix_manager,
     example_prefix_trace,
     example_scheduler_trace,
+    example_sliding_traces,
 )
 from nanoengine.viz.gantt import adapter_gantt, gantt_states, scheduler_gantt, step_adapters
 from nanoengine.viz.kernel import kernel_thread_mapping
@@ -33,18 +34,22 @@ from nanoengine.viz.quantization import (
 )
 from nanoengine.viz.request_life import RequestLife, request_lives
 from nanoengine.viz.sampling_effects import sampling_distributions, sampling_effects
+from nanoengine.viz.sliding_window import blocks_held, last_table, sliding_window_blocks, sliding_window_bound
 from nanoengine.viz.speculation import accepted_per_step, speculation_speedup
 from nanoengine.viz.style import save_figure
 from nanoengine.viz.timeline import token_timeline
 
 __all__ = [
     "accepted_per_step", "adapter_gantt", "allocation_animation", "batching_throughput", "beam_tree", "beam_trie",
-    "block_pool_grid", "block_tables", "cache_hits_per_request", "chunk_size_tradeoff", "example_beam_output",
+    "block_pool_grid", "block_tables", "blocks_held", "cache_hits_per_request", "chunk_size_tradeoff",
+    "example_beam_output",
     "example_logits", "example_lora_trace", "example_paging_manager", "example_paging_trace",
-    "example_prefix_manager", "example_prefix_trace", "example_scheduler_trace", "explore", "gantt_states",
+    "example_prefix_manager", "example_prefix_trace", "example_scheduler_trace", "example_sliding_traces", "explore",
+    "gantt_states", "last_table",
     "kernel_thread_mapping", "kv_cache_speed", "model_anatomy", "paged_vs_contiguous", "parameter_counts",
     "prefix_tree", "prefix_tree_nodes", "progression_chart", "quantization_error_histogram", "quantization_tradeoff",
     "tradeoff_row", "LESSON11_FORMATS", "format_errors", "request_lives", "RequestLife", "sampling_distributions",
-    "sampling_effects", "save_figure", "scheduler_gantt", "slot_states", "speculation_speedup", "step_adapters",
+    "sampling_effects", "save_figure", "scheduler_gantt", "sliding_window_blocks", "sliding_window_bound",
+    "slot_states", "speculation_speedup", "step_adapters",
     "tensor_parallel_sharding", "token_timeline", "trace_colors",
 ]

@@ -273,3 +273,29 @@ def example_beam_output() -> BeamSearchOutput:
     for sequence, text in zip(output.sequences, texts):
         sequence.text, sequence.finish_reason = " " + text, "length"
     return output
+
+
+# Lesson 16: one request (a 20-token prompt, prefilled in 8-token chunks, then 60 new tokens) in
+# blocks of 4, run twice: with full attention, and with every layer sliding over 8 tokens.
+SLIDING_PROMPT_LEN, SLIDING_OUTPUT_LEN, SLIDING_WINDOW = 20, 60, 8
+SLIDING_NUM_BLOCKS, SLIDING_BLOCK_SIZE, SLIDING_TOKEN_BUDGET = 32, 4, 8
+
+
+def example_sliding_traces() -> tuple[dict[str, tuple[Trace, int | None]], str]:
+    """The request through a real :class:`~nanoengine.scheduler.Scheduler` over a real
+    ``KVCacheManager``, driven as in :func:`example_scheduler_trace`, once without and once with
+    the manager's ``sliding_window``. The blocks a request holds depend only on how many tokens
+    it has, not on which, so a real model gives the same counts (``tests/test_l16_viz.py``).
+
+    Returns each run's trace and window (None: full attention), by label, and the request's id.
+    """
+    from nanoengine.scheduler import Scheduler
+
+    runs: dict[str, tuple[Trace, int | None]] = {}
+    for label, window in (("full attention", None), (f"every layer sliding, window {SLIDING_WINDOW}", SLIDING_WINDOW)):
+        trace = Trace(SLIDING_NUM_BLOCKS, SLIDING_BLOCK_SIZE)
+        manager = KVCacheManager(SLIDING_NUM_BLOCKS, SLIDING_BLOCK_SIZE, trace, sliding_window=window)
+        _drive(Scheduler(manager, SLIDING_TOKEN_BUDGET, 1, trace=trace),
+               [_request("A", 0, 101, SLIDING_PROMPT_LEN, SLIDING_OUTPUT_LEN)])
+        runs[label] = (trace, window)
+    return runs, "A"

@@ -1,7 +1,7 @@
 """``python -m nanoengine.viz.make_figures``: regenerate every figure in ``figures/``.
 
 Inputs are fixed (the bundled model's config and its sharding plan, recorded benchmark JSON
-in ``docs/bench/``, the example paging, scheduler, prefix-cache and multi-LoRA traces, logits
+in ``docs/bench/``, the example paging, scheduler, prefix-cache, multi-LoRA and sliding-window traces, logits
 and beams of :mod:`nanoengine.viz.examples`, the kernel's default launch shape), so a rerun
 gives byte-identical files.
 """
@@ -36,6 +36,7 @@ from nanoengine.viz import (  # noqa: E402
     example_paging_trace,
     example_prefix_trace,
     example_scheduler_trace,
+    example_sliding_traces,
     format_errors,
     kernel_thread_mapping,
     kv_cache_speed,
@@ -48,6 +49,7 @@ from nanoengine.viz import (  # noqa: E402
     sampling_effects,
     save_figure,
     scheduler_gantt,
+    sliding_window_blocks,
     speculation_speedup,
     tensor_parallel_sharding,
     token_timeline,
@@ -80,6 +82,7 @@ GALLERY = [
     ("tensor_parallel_sharding.png", "12", "One decoder layer of SmolLM2 over 3 tensor-parallel ranks: each rank's slice of every matrix, and where the ranks communicate."),
     ("multi_lora_gantt.png", "14", "Eight requests over three adapters and the base model with two adapter slots: who runs, who waits for a slot."),
     ("progression.png", "15", "One workload through every engine of the course, lesson 01's loop to the fast path."),
+    ("sliding_window_blocks.png", "16", "The blocks one growing request holds, full attention vs every layer sliding over 8 tokens: the window's blocks go back to the pool."),
 ]
 
 
@@ -165,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     progression = _bench("l15_progression")
     if progression:
         written.append(save_figure(progression_chart(progression), args.out / "progression.png"))
+    sliding_runs, sliding_request = example_sliding_traces()
+    written.append(save_figure(sliding_window_blocks(sliding_runs, sliding_request),
+                               args.out / "sliding_window_blocks.png"))
     (args.out / "README.md").write_text(gallery_markdown())
     for path in written:
         print(path)

@@ -14,6 +14,7 @@ from nanoengine.attention.metadata import AttentionMetadata, build_attention_met
 from nanoengine.attention.registry import AttentionFn, default_backend, load_backend
 from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
 from nanoengine.lora.manager import LoRAManager
+from nanoengine.multimodal.runner import ImageInputs
 from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel
 from nanoengine.parallel.state import split_evenly
@@ -87,6 +88,7 @@ class ModelRunner:
         self.request_generators: dict[str, torch.Generator] = {}
         self.proposer: Proposer | None = None  # lesson 10: set by an engine that speculates
         self.lora: LoRAManager | None = None  # lesson 14: set by an engine with LoRA enabled
+        self.images: ImageInputs | None = None  # lesson 16: set by an engine over a multimodal model
 
     def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -99,6 +101,8 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in plan.finished_request_ids:
             self.request_generators.pop(request_id, None)
+        if self.images is not None:
+            self.images.forget(plan.finished_request_ids)
         if self.proposer is not None:
             self.proposer.forget(plan.finished_request_ids + plan.preempted_request_ids)
         self.kv_cache.copy_blocks(plan.blocks_to_copy)
@@ -108,6 +112,8 @@ class ModelRunner:
         scheduled = plan.scheduled
         if self.lora is not None:
             self.lora.prepare(scheduled)
+        if self.images is not None:
+            self.images.prepare(scheduled)
         hidden, metadata = self._run_model(scheduled)
         output = ModelRunnerOutput()
         if not self.samples:  # a later pipeline stage: the first stage samples (lesson 12)
