@@ -117,6 +117,8 @@ class LLM:
         self.task = "embed" if task == "embed" or is_encoder else "generate"
         if self.task == "embed":
             if executor or speculative is not None or lora is not None:
+                if executor:
+                    executor.shutdown()
                 raise ValueError("an encoder model runs on one rank, without speculative decoding or LoRA")
             self.embedder = Embedder(self.loaded, pooler, max_num_batched_tokens)
             return

@@ -101,3 +101,11 @@ def test_a_decoder_embeds_with_its_last_hidden_states(kind, zoo_paths):
             hidden = base(torch.tensor([prompt])).last_hidden_state[0]
         want = F.normalize(hidden[-1] if kind == "LAST" else hidden.mean(0), dim=-1)
         torch.testing.assert_close(torch.tensor(vector), want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_encoder_on_several_ranks_is_refused_and_leaves_no_world_behind():
+    import torch.distributed as dist
+
+    with pytest.raises(ValueError, match="an encoder model runs on one rank"):
+        LLM("all-minilm-l6-v2", dtype="float32", tensor_parallel_size=2)
+    assert not dist.is_initialized()
