@@ -86,7 +86,7 @@ def test_rms_norm_is_bit_identical_to_hugging_face():
 
 
 needs_onednn = pytest.mark.skipif(
-    not onednn_packing_available(torch.bfloat16, torch.device("cpu")), reason="this PyTorch has no oneDNN"
+    not onednn_packing_available(torch.bfloat16, torch.device("cpu")), reason="no oneDNN bf16 kernels here (this PyTorch has no oneDNN, or this CPU has no native bf16)"
 )
 
 

@@ -37,6 +37,7 @@ from numba.extending import overload
 from nanoengine.attention.metadata import AttentionMetadata
 from nanoengine.attention.torch_batched import batched_decode_attention
 from nanoengine.attention.torch_paged import attend_sequence
+from nanoengine.profiling import profiled
 
 _KERNEL_DTYPES = {torch.bfloat16: torch.int16, torch.float32: torch.float32}
 
@@ -117,10 +118,11 @@ def decode_attention(
     if k_cache.dtype not in _KERNEL_DTYPES:
         return batched_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
     out = np.empty(q.shape, np.float32)
-    _decode_kernel(
-        q.float().numpy(), _as_kernel_array(k_cache), _as_kernel_array(v_cache),
-        block_tables.numpy(), seq_lens.numpy(), np.float32(scale), out,
-    )
+    with profiled("nanoengine.attention"):
+        _decode_kernel(
+            q.float().numpy(), _as_kernel_array(k_cache), _as_kernel_array(v_cache),
+            block_tables.numpy(), seq_lens.numpy(), np.float32(scale), out,
+        )
     return torch.from_numpy(out).to(q.dtype)
 
 

@@ -60,6 +60,12 @@ def add_fast_path_arg(p: argparse.ArgumentParser) -> None:
                    help="lesson 15's fast kernels (--no-fast-path: the reference path)")
 
 
+def add_profile_arg(p: argparse.ArgumentParser) -> None:
+    """``--profile PATH``: the measured runs under ``torch.profiler`` (:mod:`nanoengine.bench.profile`)."""
+    p.add_argument("--profile", type=Path, default=None, metavar="PATH",
+                   help="profile the measured runs: Chrome trace to PATH, and a table of where the time went")
+
+
 def add_quantization_arg(p: argparse.ArgumentParser) -> None:
     """``--quantization METHOD``, as ``vllm serve`` spells it (lesson 11)."""
     p.add_argument("--quantization", "-q", choices=quantization_methods(), default=None,

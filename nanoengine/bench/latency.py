@@ -8,7 +8,9 @@ Reports the batch's end-to-end latency, prefill time (until every request has it
 token) and prefill and decode tokens/s (median, min and max of the runs); percentiles of
 every request's end-to-end latency across the runs; and the median time of every decode
 step (how step cost grows with sequence length). Each run draws new prompts, so the
-prefix cache never serves one run from an earlier one.
+prefix cache never serves one run from an earlier one. ``--profile PATH`` runs the timed
+runs under ``torch.profiler`` and says where each step's time went
+(:mod:`nanoengine.bench.profile`).
 
 The engines: lessons 01–04's one-request-at-a-time ``NaiveEngine`` over each KV cache
 (batch size 1 only), or ``llm``, the full engine under ``nanoengine.LLM``.
@@ -17,16 +19,19 @@ The engines: lessons 01–04's one-request-at-a-time ``NaiveEngine`` over each K
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from nanoengine.bench.common import (
-    add_fast_path_arg, add_quantization_arg, add_speculative_arg, engine_kwargs, write_result,
+    add_fast_path_arg, add_profile_arg, add_quantization_arg, add_speculative_arg, engine_kwargs, write_result,
 )
 from nanoengine.bench.datasets import load_jsonl_dataset, random_token_prompts
+from nanoengine.bench.profile import BenchProfiler
 from nanoengine.bench.stats import format_summary, percentiles, summary
 from nanoengine.config import ModelConfig
 from nanoengine.engine.inputs import Prompt
@@ -66,6 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_parallel_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=Path, default=None, help="write every measurement here")
+    add_profile_arg(p)
     p.set_defaults(func=main)
 
 
@@ -108,17 +114,20 @@ class BatchRun:
         return [b - a for a, b in zip(times, times[1:])]
 
 
-def _one_run(engine, prompts: list[list[int]], output_len: int, tag: str) -> BatchRun:
+def _one_run(engine, prompts: list[list[int]], output_len: int, tag: str,
+             step_range: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> BatchRun:
     """Submit every prompt at once and step the engine (an ``LLMEngine`` or a ``NaiveEngine``)
     until all are done, timing each step's outputs and counting the tokens each step added
-    (several per request with speculative decoding)."""
+    (several per request with speculative decoding). ``step_range``: entered around each step
+    (``--profile``'s range)."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", Prompt(None, prompt), params)
     first, finished, steps, have = {}, {}, [], {}
     while engine.has_unfinished_requests():
-        outputs = engine.step()
+        with step_range():
+            outputs = engine.step()
         now = time.perf_counter() - start
         gained = 0
         for out in outputs:
@@ -170,11 +179,13 @@ def main(args: argparse.Namespace) -> int:
         _one_run(engine, prompts(args.num_iters + i), min(args.output_len, 8), f"warmup-{i}")  # prompts no run uses
     runs, prefill_tps = [], []
     spec_before = _spec_counts(engine)
-    for i in range(args.num_iters):
-        batch = prompts(i)
-        runs.append(_one_run(engine, batch, args.output_len, f"run-{i}"))
-        prefill_tps.append(sum(map(len, batch)) / runs[-1].prefill_s)
-        print(f"iteration {i + 1}/{args.num_iters}: {runs[-1].latency_s:.2f} s", file=sys.stderr)
+    batches = [prompts(i) for i in range(args.num_iters)]  # drawn before, so the profile holds only the runs
+    profiler = BenchProfiler(args.profile)
+    with profiler:  # the timed runs, not the warm-up
+        for i, batch in enumerate(batches):
+            runs.append(_one_run(engine, batch, args.output_len, f"run-{i}", profiler.step_range))
+            prefill_tps.append(sum(map(len, batch)) / runs[-1].prefill_s)
+            print(f"iteration {i + 1}/{args.num_iters}: {runs[-1].latency_s:.2f} s", file=sys.stderr)
     latency = [r.latency_s for r in runs]
     prefill = [r.prefill_s for r in runs]
     decode_tps = [r.decode_tokens_per_s for r in runs]
@@ -200,6 +211,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"speculation: {speculation['num_accepted_tokens']} of {speculation['num_draft_tokens']} guesses "
               f"accepted ({speculation['acceptance_rate']:.1%}), mean acceptance length "
               f"{speculation['mean_acceptance_length']:.2f}")
+    profile = profiler.report()
     write_result(args.result_json, {
         "model": loaded.path.name,
         "dtype": dtype_name(loaded.dtype),
@@ -221,6 +233,7 @@ def main(args: argparse.Namespace) -> int:
         "dataset_path": str(args.dataset_path) if args.dataset_path else None,
         "speculative_config": args.speculative_config,
         "speculation": speculation,
+        **({"profile": profile} if profile else {}),
     })
     return 0
 

@@ -18,6 +18,8 @@ requests go in waves of ``max_num_seqs`` and a wave starts only when the previou
 finished, so a short request's slot idles until the longest of its wave is done.
 ``--backend hf`` runs the same prompts through Hugging Face ``generate`` instead
 (:mod:`nanoengine.bench.hf_backend`); it does not stream, so it reports no TTFT or TPOT.
+``--profile PATH`` runs the timed runs under ``torch.profiler`` and says where the time
+went, per engine step too (:mod:`nanoengine.bench.profile`).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nanoengine.bench.common import (
-    add_fast_path_arg, add_lora_args, add_quantization_arg, add_workload_args, benchmark_loras, describe_workload,
-    engine_kwargs, workload, workload_record, write_result,
+    add_fast_path_arg, add_lora_args, add_profile_arg, add_quantization_arg, add_workload_args, benchmark_loras,
+    describe_workload, engine_kwargs, workload, workload_record, write_result,
 )
 from nanoengine.bench.hf_backend import hf_generate, load_hf_model
+from nanoengine.bench.profile import BenchProfiler
 from nanoengine.bench.stats import format_summary, summary
 from nanoengine.model.loader import resolve_model_path
 from nanoengine.outputs import RequestOutput
@@ -74,6 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_lora_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=Path, default=None)
+    add_profile_arg(p)
     p.set_defaults(func=main)
 
 
@@ -134,6 +138,10 @@ class _NanoengineBackend:
         return {**_rates(requests, time.monotonic() - started), "ttft_p50_s": statistics.median(ttft),
                 "tpot_p50_ms": statistics.median(tpot) * 1e3 if tpot else 0.0}
 
+    def num_steps(self) -> int:
+        """Engine steps taken so far (the scheduler counts them)."""
+        return self.llm.llm_engine.scheduler.step
+
     def close(self) -> None:
         """Stop the engine's other ranks (tensor/pipeline parallelism); drop generated adapters."""
         self.llm.shutdown()
@@ -168,6 +176,10 @@ class _HfBackend:
             hf_generate(self.model, requests, self.max_batch_size, self.pad_id, bar.update)
         return _rates(requests, time.monotonic() - started)
 
+    def num_steps(self) -> None:
+        """``generate`` takes no steps the bench can count."""
+        return None
+
     def close(self) -> None:
         """Nothing runs beside this process."""
 
@@ -181,10 +193,13 @@ def main(args: argparse.Namespace) -> int:
     # warm-up on prompts no run uses (a negative iteration would not do: Random(-s) is Random(s))
     backend.run(_tokenized(args, backend.tokenizer, backend.vocab_size, args.num_iters)[:2], use_tqdm=False)
     runs, requests = [], []
-    for i in range(args.num_iters):
-        requests = _tokenized(args, backend.tokenizer, backend.vocab_size, i)
-        runs.append(backend.run(requests))
-        print(f"iteration {i + 1}/{args.num_iters}: {runs[-1]['elapsed_s']:.1f} s", file=sys.stderr)
+    iterations = [_tokenized(args, backend.tokenizer, backend.vocab_size, i) for i in range(args.num_iters)]
+    profiler, steps_before = BenchProfiler(args.profile), backend.num_steps()
+    with profiler:  # the timed runs, not the warm-up
+        for i, requests in enumerate(iterations):
+            runs.append(backend.run(requests))
+            print(f"iteration {i + 1}/{args.num_iters}: {runs[-1]['elapsed_s']:.1f} s", file=sys.stderr)
+    steps = None if steps_before is None else backend.num_steps() - steps_before
     described = backend.record()
     backend.close()
     print(f"{args.backend}, {described['mode']}: {len(requests)} requests, {describe_workload(args)}; "
@@ -192,8 +207,10 @@ def main(args: argparse.Namespace) -> int:
     for key, label, unit in _REPORTED:
         if key in runs[0]:
             print(format_summary(label, [r[key] for r in runs], unit))
+    profile = profiler.report(steps)
     write_result(args.result_json, {
         **described, "backend": args.backend, **workload_record(args, len(requests)),
         **{k: summary([r[k] for r in runs]) for k in runs[0]},
+        **({"profile": profile} if profile else {}),
     })
     return 0

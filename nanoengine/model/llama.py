@@ -208,6 +208,8 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = self.make_norm(config, dtype) if self.pp.is_last else None
+        # Lesson 15's fast path may set a FusedDecode here: decode steps then run as one call.
+        self.fused_decode: Callable[..., torch.Tensor] | None = None
 
     # The parts a related architecture swaps (Gemma 3: a scaled embedding, two RoPE tables, its
     # own layer and norm); the stage bookkeeping above stays the same.
@@ -254,6 +256,9 @@ class LlamaModel(nn.Module):
             hidden = self.embed_tokens(input_ids)
         else:
             hidden = self.pp.recv((input_ids.shape[0], self.hidden_size), self.dtype, input_ids.device, self.pp.rank - 1)
+        fused = self.fused_decode
+        if fused is not None and inputs_embeds is None and num_layers is None and fused.runs(attn, hidden.shape[0]):
+            return fused(hidden, positions, attn)
         rope = self.rotary.lookup(positions, hidden.dtype)
         for layer in self.local_layers[:num_layers]:
             hidden = layer(rope, hidden, attn)

@@ -131,8 +131,15 @@ def load_model(config: ModelConfig, layout: RankLayout = SINGLE) -> LoadedModel:
             packed = pack_linear_weights(model)
         except NotImplementedError as todo:  # a student copy before lesson 15: plain F.linear
             logger.warning("prepacking the weights is not written yet (%s); the layers run unpacked", todo)
+    gemv, fused = 0, False
     if config.fast_path and device.type == "cpu":
         keep_freed_memory_for_reuse()
+        # numba: imported only when used
+        from nanoengine.model.fused_decode import use_fused_decode
+        from nanoengine.model.layers.cpu_gemv import use_gemv
+
+        gemv = use_gemv(model)
+        fused = use_fused_decode(model)
     processor = AutoProcessor.from_pretrained(path) if getattr(model, "image_token_id", None) is not None else None
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(path)
     fill_in_chat_format(tokenizer, hf_config)
@@ -155,7 +162,9 @@ def load_model(config: ModelConfig, layout: RankLayout = SINGLE) -> LoadedModel:
         path.name, hf_config.architectures[0], dtype_name(dtype),
         f" with {loaded.quantization} weights" if loaded.quantization else "",
         device, time.perf_counter() - started, loaded.weight_bytes / 1e6, max_model_len,
-        f"; fast path: {packed} weights prepacked for oneDNN" if config.fast_path else "",
+        f"; fast path: {packed} weights prepacked for oneDNN, {gemv} decode matmuls on the GEMV kernel"
+        f"{', decode steps fused' if fused else ''}"
+        if config.fast_path else "",
     )
     return loaded
 
@@ -169,14 +178,18 @@ def process_weights_after_loading(model: torch.nn.Module) -> None:
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once."""
+    """Bytes of the model's parameters and buffers, each storage counted once and whole (the
+    fused decode path's layers hold views of one stacked tensor per kind of weight)."""
     seen: set[int] = set()
     total = 0
     for tensor in itertools.chain(model.parameters(), model.buffers()):
-        key = id(tensor) if tensor.is_mkldnn else tensor.untyped_storage().data_ptr()
+        if tensor.is_mkldnn:
+            key, size = id(tensor), tensor.numel() * tensor.element_size()
+        else:
+            key, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
         if key not in seen:
             seen.add(key)
-            total += tensor.numel() * tensor.element_size()
+            total += size
     return total
 
 

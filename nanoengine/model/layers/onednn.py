@@ -20,11 +20,17 @@ import torch
 from torch import nn
 
 from nanoengine.model.layers.linear import LinearMethodBase, UnquantizedLinearMethod
+from nanoengine.platform import cpu_has_native_bf16
 
 
 def onednn_packing_available(dtype: torch.dtype, device: torch.device) -> bool:
-    """Packing pays off for bf16 on a CPU whose PyTorch has oneDNN (mkldnn) built in."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    """Packing pays off for bf16 on a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX)
+    whose PyTorch has oneDNN (mkldnn) built in. Elsewhere oneDNN has no bf16 kernel to pack
+    for: on an AVX2-only CPU (AMD EPYC Zen 1) the reorder itself raises."""
+    return (
+        device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        and cpu_has_native_bf16()
+    )
 
 
 class OneDNNPackedLinearMethod(LinearMethodBase):

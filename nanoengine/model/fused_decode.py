@@ -1,0 +1,270 @@
+"""Lesson 15: a decode step of a Llama-family model as one compiled call.
+
+At batch 1 a decode step of SmolLM2 does ~1,000 small PyTorch operations (norms, rotary,
+SiLU, adds, views, the KV write) and ~120 matmuls, each called from Python. Measured on an
+AMD EPYC (Zen 1, 2 threads, float32), the step took 47 ms with the GEMV kernel of
+``cpu_gemv`` of which the matmuls were ~20 ms: the rest was dispatch and Python. Here the
+whole decoder stack runs inside one numba function per step, on the same kernels:
+
+    for each layer:  RMSNorm -> q/k/v GEMV -> RoPE on q and k -> K/V into their slots
+                     -> paged attention (lesson 15's kernel) -> o GEMV + residual
+                     -> RMSNorm -> gate/up GEMV -> SiLU(gate) * up -> down GEMV + residual
+    final RMSNorm
+
+Activations stay in float32 throughout, whatever the weights' dtype (bf16 and int8 weights
+are widened row by row inside the GEMV), so the result is at least as exact as the module
+path's. The layer weights are stacked into one tensor per kind (``[layers, out, in]``) at
+set-up, and every layer's parameter is re-pointed at its slice, so nothing is held twice.
+
+It runs only where its arithmetic is the model's: a dense Llama stack on one rank (no MoE, no
+q/k norm, no biases, no LoRA, no sliding window, no early exit or image embeddings), a step
+whose every sequence adds one token, at most ``max_rows`` of them, over the numba attention
+backend. Anything else takes the module path, which the tests hold it to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import prange, types
+from numba.extending import overload
+from torch import nn
+
+from nanoengine.attention.numba_cpu import _as_kernel_array, _decode_kernel, paged_attention as numba_attention
+from nanoengine.attention.torch_paged import PagedAttention
+from nanoengine.model.layers.cpu_gemv import DECODE_MAX_ROWS, _KERNEL_DTYPES, _matmul_float32, _matmul_widened
+from nanoengine.profiling import profiled
+
+
+def _matmul(x, w, scales, out):  # noqa: ANN001, ANN202
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(_matmul)
+def _matmul_impl(x, w, scales, out):  # noqa: ANN001, ANN202
+    """The GEMV for the weight's stored dtype (float32 read in place, others widened)."""
+    if w.dtype == types.float32:
+        return lambda x, w, scales, out: _matmul_float32(x, w, scales, out)
+    return lambda x, w, scales, out: _matmul_widened(x, w, scales, out)
+
+
+def _store_row(src, dst):  # noqa: ANN001, ANN202
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(_store_row, inline="always")
+def _store_row_impl(src, dst):  # noqa: ANN001, ANN202
+    """Write a float32 row into the cache in its dtype: float32, or bf16 bit patterns rounded
+    to nearest even, as ``tensor.to(torch.bfloat16)`` rounds."""
+    if dst.dtype == types.int16:
+
+        def store_bf16(src, dst):  # noqa: ANN001, ANN202
+            bits = src.view(np.uint32)
+            for d in range(src.shape[0]):
+                b = bits[d]
+                rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                dst[d] = np.int16(np.uint16(rounded))
+
+        return store_bf16
+
+    def store_float32(src, dst):  # noqa: ANN001, ANN202
+        for d in range(src.shape[0]):
+            dst[d] = src[d]
+
+    return store_float32
+
+
+@numba.njit(fastmath=True, cache=True)
+def _rms_norm(x, weight, eps, out):  # noqa: ANN001, ANN202
+    """``out = x / rms(x) * weight`` per row, in float32."""
+    rows, size = x.shape
+    for m in range(rows):
+        total = np.float32(0.0)
+        for d in range(size):
+            total += x[m, d] * x[m, d]
+        inv = np.float32(1.0) / math.sqrt(total / size + eps)
+        for d in range(size):
+            out[m, d] = x[m, d] * inv * weight[d]
+
+
+@numba.njit(fastmath=True, cache=True)
+def _rotate_half(row, num_heads, head_dim, cos, sin):  # noqa: ANN001, ANN202
+    """RoPE in place on the first ``num_heads`` heads of ``row`` (``head_dim`` values each) at
+    one position, in Llama's rotate-half layout."""
+    half = head_dim // 2
+    for h in range(num_heads):
+        base = h * head_dim
+        for d in range(half):
+            a, b = row[base + d], row[base + d + half]
+            row[base + d] = a * cos[d] - b * sin[d]
+            row[base + d + half] = b * cos[d + half] + a * sin[d + half]
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _silu_mul(gate_up, out):  # noqa: ANN001, ANN202
+    rows, inter = out.shape
+    for m in range(rows):
+        for i in prange(inter):
+            g = gate_up[m, i]
+            out[m, i] = g / (np.float32(1.0) + math.exp(-g)) * gate_up[m, inter + i]
+
+
+@numba.njit(fastmath=True, cache=True)
+def _decode_stack(
+    x, positions, slots, block_tables, seq_lens, cos, sin, k_pool, v_pool,
+    w_in, w_post, w_qkv, s_qkv, w_o, s_o, w_gate_up, s_gate_up, w_down, s_down, w_final,
+    num_heads, num_kv_heads, head_dim, eps, scale,
+):  # noqa: ANN001, ANN202
+    """Every decoder layer and the final norm on ``x [M, H]`` (float32, updated in place)."""
+    rows, hidden = x.shape
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    inter = w_down.shape[2]
+    block_size = k_pool.shape[2]
+    normed = np.empty_like(x)
+    qkv = np.empty((rows, q_size + 2 * kv_size), np.float32)
+    q = np.empty((rows, num_heads, head_dim), np.float32)
+    attn = np.empty((rows, num_heads, head_dim), np.float32)
+    proj = np.empty_like(x)
+    gate_up = np.empty((rows, 2 * inter), np.float32)
+    act = np.empty((rows, inter), np.float32)
+    for layer in range(w_qkv.shape[0]):
+        _rms_norm(x, w_in[layer], eps, normed)
+        _matmul(normed, w_qkv[layer], s_qkv[layer], qkv)
+        for m in range(rows):
+            pos = positions[m]
+            row = qkv[m]
+            _rotate_half(row, num_heads + num_kv_heads, head_dim, cos[pos], sin[pos])
+            for h in range(num_heads):
+                for d in range(head_dim):
+                    q[m, h, d] = row[h * head_dim + d]
+            block, offset = slots[m] // block_size, slots[m] % block_size
+            for h in range(num_kv_heads):
+                k_start, v_start = q_size + h * head_dim, q_size + kv_size + h * head_dim
+                _store_row(row[k_start : k_start + head_dim], k_pool[layer, block, offset, h])
+                _store_row(row[v_start : v_start + head_dim], v_pool[layer, block, offset, h])
+        _decode_kernel(q, k_pool[layer], v_pool[layer], block_tables, seq_lens, scale, attn)
+        _matmul(attn.reshape((rows, q_size)), w_o[layer], s_o[layer], proj)
+        x += proj
+        _rms_norm(x, w_post[layer], eps, normed)
+        _matmul(normed, w_gate_up[layer], s_gate_up[layer], gate_up)
+        _silu_mul(gate_up, act)
+        _matmul(act, w_down[layer], s_down[layer], proj)
+        x += proj
+    _rms_norm(x, w_final, eps, normed)
+    x[:] = normed
+
+
+def _stack_weights(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``[layers, out, in]`` tensor of the layers' stored weights (int8 codes or float) and
+    one ``[layers, out]`` of float32 scales (ones for float weights). Each layer's own weight
+    becomes a view of its slice, so the model keeps one copy."""
+    name = "qweight" if getattr(linears[0], "qweight", None) is not None else "weight"
+    stacked = torch.stack([getattr(linear, name).detach() for linear in linears])
+    for i, linear in enumerate(linears):
+        if name == "weight":
+            linear.weight.data = stacked[i]
+        else:
+            linear._buffers["qweight"] = stacked[i]
+    if name == "qweight":
+        scales = torch.stack([linear.scales.float() for linear in linears])
+    else:
+        scales = torch.ones(stacked.shape[:2], dtype=torch.float32)
+    return stacked, scales
+
+
+class FusedDecode:
+    """The decoder stack of one :class:`~nanoengine.model.llama.LlamaModel` for decode steps.
+
+    Invariant: the stacked weights are the layers' own (each layer's weight is a view of its
+    slice), and the norms' weights are float32 copies taken at set-up, after loading: nothing
+    writes a loaded model's weights again (a LoRA adapter wraps a layer instead, and the
+    fused path then stands aside: :meth:`runs`).
+    """
+
+    def __init__(self, model: nn.Module, max_rows: int = DECODE_MAX_ROWS) -> None:
+        self.model = model
+        self.max_rows = max_rows
+        self.layers = layers = list(model.local_layers)
+        attn0 = layers[0].self_attn
+        self.num_heads, self.num_kv_heads, self.head_dim = attn0.num_heads, attn0.num_kv_heads, attn0.head_dim
+        self.scale = attn0.scale
+        self.eps = layers[0].input_layernorm.eps
+        self.modules = self._modules_now()
+        # weight and scales of q/k/v, o, gate/up and down, each [layers, out, in] and [layers, out]
+        stacked = [_stack_weights(self.modules[kind::4]) for kind in range(4)]
+        self.weights = [_kernel_array(t) for pair in stacked for t in pair]
+        self.norms = [
+            torch.stack([layer.input_layernorm.weight.float() for layer in layers]).numpy(),
+            torch.stack([layer.post_attention_layernorm.weight.float() for layer in layers]).numpy(),
+            model.norm.weight.float().numpy(),
+        ]
+
+    def _modules_now(self) -> list[nn.Module]:
+        """The projections of every layer, in the order q/k/v, o, gate/up, down: a wrapper put
+        in their place later (LoRA, lesson 14) changes the arithmetic, and the fused path then
+        stands aside."""
+        return [m for layer in self.layers
+                for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+
+    def runs(self, attn: object, num_tokens: int) -> bool:
+        """Whether this step is one the fused stack computes exactly as the modules would."""
+        if not isinstance(attn, PagedAttention) or attn.attention_fn is not numba_attention:
+            return False
+        if num_tokens > self.max_rows or attn.metadata.num_seqs != num_tokens:
+            return False  # some sequence adds more than one token: a prefill chunk
+        if attn.kv_cache.k.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        return all(a is b for a, b in zip(self._modules_now(), self.modules))
+
+    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
+        """The final-normed hidden states of the step's tokens, as the module path returns them."""
+        x = hidden.float().contiguous()
+        metadata, cache = attn.metadata, attn.kv_cache
+        w_in, w_post, w_final = self.norms
+        with profiled("nanoengine.fused_decode"):
+            _decode_stack(
+                x.numpy(), positions.numpy(), metadata.slot_mapping.numpy(), metadata.block_tables.numpy(),
+                np.asarray(metadata.seq_lens, np.int64), self.model.rotary.cos.numpy(), self.model.rotary.sin.numpy(),
+                _as_kernel_array(cache.k), _as_kernel_array(cache.v), w_in, w_post, *self.weights, w_final,
+                self.num_heads, self.num_kv_heads, self.head_dim, np.float32(self.eps), np.float32(self.scale),
+            )
+        return x.to(hidden.dtype)
+
+
+def _kernel_array(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a weight as the kernels read it (bf16 as its bit patterns)."""
+    return tensor.view(_KERNEL_DTYPES[tensor.dtype]).numpy()
+
+
+def fusable(model: nn.Module) -> bool:
+    """A dense Llama-family stack on one rank, exactly the arithmetic :func:`_decode_stack` does."""
+    from nanoengine.model.layers.cpu_gemv import GemvLinearMethod
+    from nanoengine.model.layers.rotary import RotaryEmbedding
+    from nanoengine.model.llama import LlamaDecoderLayer, LlamaMLP, LlamaModel
+
+    inner = getattr(model, "model", None)
+    if type(inner) is not LlamaModel or inner.pp.size != 1 or inner.norm is None:
+        return False
+    if type(inner.rotary) is not RotaryEmbedding:
+        return False
+    for layer in inner.local_layers:
+        attn = layer.self_attn
+        if type(layer) is not LlamaDecoderLayer or type(layer.mlp) is not LlamaMLP or attn.qk_norm:
+            return False
+        projections = (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+        if attn.qkv_proj.tp.size != 1 or any(p.bias is not None for p in projections):
+            return False
+        if not all(isinstance(p.linear_method, GemvLinearMethod) for p in projections):
+            return False
+    return True
+
+
+def use_fused_decode(model: nn.Module) -> bool:
+    """Give ``model`` a :class:`FusedDecode` where :func:`fusable`; returns whether it did."""
+    if not fusable(model):
+        return False
+    model.model.fused_decode = FusedDecode(model.model)
+    return True

@@ -1,0 +1,118 @@
+"""Lesson 15: the decode GEMV kernel equals the matmul it replaces, and is batch-invariant.
+
+- ``matmul_rows`` equals a float64 matmul for float32, bf16 and int8 (with scales) weights,
+  on any shape, including shapes that leave a partial tile;
+- a row's result is bit-identical whatever rows come with it (the property the
+  batch-invariant mode rests on);
+- ``GemvLinearMethod`` sends few rows to the kernel and more to the method it wraps;
+- an engine whose decode matmuls run the kernel generates what the reference engine does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nanoengine import LLM, SamplingParams
+from nanoengine.model.fused_decode import FusedDecode
+from nanoengine.model.layers.cpu_gemv import TILE, GemvLinearMethod, matmul_rows, use_gemv
+from nanoengine.model.layers.linear import ColumnLinear, UnquantizedLinearMethod
+from nanoengine.quant.int8 import quantize_int8
+
+pytestmark = pytest.mark.l15
+
+WEIGHT_DTYPES = [torch.float32, torch.bfloat16, torch.int8]
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    out = x.double() @ weight.double().T
+    return out * scales.double() if scales is not None else out
+
+
+def weight_of(dtype: torch.dtype, n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    dense = torch.randn(n, k, generator=generator)
+    if dtype == torch.int8:
+        return quantize_int8(dense)
+    return dense.to(dtype), None
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@given(rows=st.integers(1, 20), n=st.integers(1, 3 * TILE + 5), k=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_matmul_rows_equals_a_float64_matmul(dtype, rows, n, k, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight, scales = weight_of(dtype, n, k, generator)
+    x = torch.randn(rows, k, generator=generator)
+    out = matmul_rows(x, weight, scales)
+    assert out.shape == (rows, n) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(x, weight, scales), rtol=1e-4, atol=1e-4 * k)
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(dtype):
+    generator = torch.Generator().manual_seed(0)
+    weight, scales = weight_of(dtype, 3 * TILE + 3, 576, generator)
+    batch = torch.randn(37, 576, generator=generator)
+    together = matmul_rows(batch, weight, scales)
+    for i in (0, 5, 36):
+        assert torch.equal(matmul_rows(batch[i : i + 1], weight, scales)[0], together[i])
+    assert torch.equal(matmul_rows(batch[3:19], weight, scales), together[3:19])
+
+
+def test_the_result_keeps_the_activations_dtype_and_leading_shape():
+    weight = torch.randn(8, 16).bfloat16()
+    x = torch.randn(2, 3, 16).bfloat16()
+    out = matmul_rows(x, weight)
+    assert out.shape == (2, 3, 8) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), (x.float() @ weight.float().T), rtol=2e-2, atol=2e-2)
+
+
+class _Counting(UnquantizedLinearMethod):
+    calls = 0
+
+    def apply(self, layer, x, bias):  # noqa: ANN001, ANN201
+        self.calls += 1
+        return super().apply(layer, x, bias)
+
+
+def test_few_rows_run_the_kernel_and_more_run_the_wrapped_method():
+    layer = ColumnLinear(16, 8, True, torch.float32)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    inner = _Counting()
+    layer.linear_method = GemvLinearMethod(inner, max_rows=4)
+    for rows, calls in ((1, 0), (4, 0), (5, 1)):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias, rtol=1e-5, atol=1e-5)
+        assert inner.calls == calls
+    layer.linear_method = GemvLinearMethod(inner, max_rows=None)  # every row count
+    layer(torch.randn(100, 16))
+    assert inner.calls == 1
+
+
+def test_use_gemv_wraps_every_linear_layer_and_the_head(zoo_paths):
+    fast = LLM(str(zoo_paths["llama-gqa"]), dtype="float32", fast_path=False, kv_cache_memory_bytes=2**20)
+    model = fast.loaded.model
+    layers = sum(1 for m in model.modules() if hasattr(m, "linear_method"))
+    assert use_gemv(model) == layers
+    assert all(isinstance(m.linear_method, GemvLinearMethod) for m in model.modules() if hasattr(m, "linear_method"))
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_an_engine_on_the_kernel_generates_what_the_reference_generates(zoo_paths, quantization, monkeypatch):
+    """Greedy, float32, several requests of different lengths, so decode steps have 1 to 3
+    rows and run fused; bfloat16 is held to the float32 reference by test_l15_fast_path's
+    near-tie rule (the fused path keeps activations in float32, the reference rounds them)."""
+    fused_steps = []
+    original = FusedDecode.__call__
+    monkeypatch.setattr(FusedDecode, "__call__", lambda self, *a: fused_steps.append(1) or original(self, *a))
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 11, 17)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outputs = {}
+    for fast_path in (False, True):
+        llm = LLM(str(zoo_paths["llama-gqa"]), dtype="float32", fast_path=fast_path, quantization=quantization,
+                  kv_cache_memory_bytes=2**22)
+        outputs[fast_path] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs[True] == outputs[False]
+    assert len(fused_steps) >= 11  # every decode step after the prefill ran as one fused call
