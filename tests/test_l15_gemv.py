@@ -5,6 +5,7 @@
 - a row's result is bit-identical whatever rows come with it (the property the
   batch-invariant mode rests on);
 - ``GemvLinearMethod`` sends few rows to the kernel and more to the method it wraps;
+- GGUF's grouped int8 and 4-bit codes multiplied in place equal dequantizing them;
 - an engine whose decode matmuls run the kernel generates what the reference engine does.
 """
 
@@ -19,6 +20,8 @@ from nanoengine import LLM, SamplingParams
 from nanoengine.model.fused_decode import FusedDecode
 from nanoengine.model.layers.cpu_gemv import TILE, GemvLinearMethod, matmul_rows, use_gemv
 from nanoengine.model.layers.linear import ColumnLinear, UnquantizedLinearMethod
+from nanoengine.quant.gguf import GroupedInt8Weight
+from nanoengine.quant.int4_kernel import DECODE_MAX_ROWS, Int4Weight, dequantize_int4
 from nanoengine.quant.int8 import quantize_int8
 
 pytestmark = pytest.mark.l15
@@ -116,3 +119,36 @@ def test_an_engine_on_the_kernel_generates_what_the_reference_generates(zoo_path
         outputs[fast_path] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outputs[True] == outputs[False]
     assert len(fused_steps) >= 11  # every decode step after the prefill ran as one fused call
+
+
+@pytest.mark.parametrize("mins", [True, False])
+@given(rows=st.integers(1, 5), n=st.integers(1, 40), groups=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_grouped_int8_codes_multiply_in_place_as_dequantized(mins, rows, n, groups, seed):
+    generator = torch.Generator().manual_seed(seed)
+    k = 32 * groups
+    codes = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    scales = torch.rand(n, groups, generator=generator)
+    shift = torch.randn(n, groups, generator=generator) if mins else None
+    weight = GroupedInt8Weight(codes, scales, shift, 32, torch.float32)
+    x = torch.randn(rows, k, generator=generator)
+    dense = codes.double().view(n, groups, 32) * scales.double()[..., None]
+    if mins:
+        dense += shift.double()[..., None]
+    expected = x.double() @ dense.view(n, k).T
+    torch.testing.assert_close(weight(x).double(), expected, rtol=1e-4, atol=1e-3)
+
+
+@given(rows=st.integers(1, 5), n=st.integers(1, 40), groups=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_int4_codes_multiply_in_place_as_dequantized(rows, n, groups, seed):
+    generator = torch.Generator().manual_seed(seed)
+    k = 32 * groups
+    codes = torch.randint(0, 16, (n, k), generator=generator)
+    scales, mins = torch.rand(n, groups, generator=generator), torch.randn(n, groups, generator=generator)
+    weight = Int4Weight(codes, scales, mins, 32, torch.float32)
+    assert not weight.use_kernel  # float32 activations: the numba kernel's case
+    x = torch.randn(rows, k, generator=generator)
+    expected = x.double() @ dequantize_int4(codes, scales, mins, 32).double().T
+    torch.testing.assert_close(weight(x).double(), expected, rtol=1e-4, atol=1e-3)
+    many = torch.randn(DECODE_MAX_ROWS + 1, k, generator=generator)  # the dequantize-once path
+    torch.testing.assert_close(weight(many).double(), many.double() @ dequantize_int4(codes, scales, mins, 32).double().T,
+                               rtol=1e-4, atol=1e-3)

@@ -10,7 +10,6 @@ import pytest
 
 from nanoengine import cli
 from nanoengine.bench.profile import CATEGORIES, OTHER, STEP_RANGE, categorize, category_of, format_profile
-from tests.zoo import build_model, build_tokenizer
 
 pytestmark = pytest.mark.l15
 
@@ -83,16 +82,8 @@ def test_the_table_has_a_row_per_category_and_the_total():
     assert format_profile(categorize([], 0.004, None)).splitlines()[-1].split()[-1] == "-"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "llama-gqa"
-    tokenizer = build_tokenizer()
-    build_model("llama-gqa", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_bench_latency_profiles_the_timed_runs(tiny_model, tmp_path, capsys):
+def test_bench_latency_profiles_the_timed_runs(zoo_paths, tmp_path, capsys):
+    tiny_model = zoo_paths["llama-gqa"]
     trace, out = tmp_path / "tmp" / "trace.json", tmp_path / "latency.json"
     assert cli.main(["bench", "latency", str(tiny_model), "--engine", "llm", "--batch-size", "2", "--input-len", "6",
                      "--output-len", "5", "--num-iters", "1", "--num-iters-warmup", "0", "--dtype", "float32",

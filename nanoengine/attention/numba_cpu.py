@@ -31,38 +31,15 @@ import math
 import numba
 import numpy as np
 import torch
-from numba import prange, types
-from numba.extending import overload
+from numba import prange
 
 from nanoengine.attention.metadata import AttentionMetadata
 from nanoengine.attention.torch_batched import batched_decode_attention
 from nanoengine.attention.torch_paged import attend_sequence
+from nanoengine.model.layers.cpu_gemv import widen_row
 from nanoengine.profiling import profiled
 
 _KERNEL_DTYPES = {torch.bfloat16: torch.int16, torch.float32: torch.float32}
-
-
-def _widen_row(src: np.ndarray, dst: np.ndarray) -> None:
-    """Copy one cached K/V row (``[head_dim]``) into a float32 row; numba compiles the overload."""
-    raise NotImplementedError("only callable from numba-compiled code")
-
-
-@overload(_widen_row, inline="always")
-def _widen_row_impl(src, dst):  # noqa: ANN001, ANN202 (numba types, not Python ones)
-    if src.dtype == types.int16:  # bfloat16 bit patterns: they are the high half of a float32
-
-        def widen_bf16(src, dst):  # noqa: ANN001, ANN202
-            bits = dst.view(np.uint32)
-            for d in range(src.shape[0]):
-                bits[d] = np.uint32(np.uint16(src[d])) << np.uint32(16)
-
-        return widen_bf16
-
-    def copy_float32(src, dst):  # noqa: ANN001, ANN202
-        for d in range(src.shape[0]):
-            dst[d] = src[d]
-
-    return copy_float32
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -79,7 +56,7 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, out):  # 
         scores = np.empty((group, seq_len), np.float32)
         row = np.empty(head_dim, np.float32)
         for pos in range(seq_len):
-            _widen_row(k_cache[block_tables[seq, pos // block_size], pos % block_size, kv_head], row)
+            widen_row(k_cache[block_tables[seq, pos // block_size], pos % block_size, kv_head], row)
             for g in range(group):
                 dot = np.float32(0.0)
                 for d in range(head_dim):
@@ -96,7 +73,7 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, out):  # 
                 scores[g, pos] /= total
         acc = np.zeros((group, head_dim), np.float32)
         for pos in range(seq_len):
-            _widen_row(v_cache[block_tables[seq, pos // block_size], pos % block_size, kv_head], row)
+            widen_row(v_cache[block_tables[seq, pos // block_size], pos % block_size, kv_head], row)
             for g in range(group):
                 weight = scores[g, pos]
                 for d in range(head_dim):

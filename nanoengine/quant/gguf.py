@@ -36,7 +36,7 @@ from torch import nn
 from nanoengine.model.gguf_file import GGUFBlocks
 from nanoengine.model.layers.linear import LinearMethodBase
 from nanoengine.quant.base import QuantizationConfig
-from nanoengine.quant.int4_kernel import Int4Weight
+from nanoengine.quant.int4_kernel import DECODE_MAX_ROWS, Int4Weight
 
 Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -236,6 +236,12 @@ class GroupedInt8Weight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        if x.dtype == torch.float32 and x.is_cpu and flat.shape[0] <= DECODE_MAX_ROWS:
+            # lesson 15: a numba kernel multiplies the codes in place
+            from nanoengine.quant.grouped_gemv import grouped_int8_matmul
+
+            mins = None if self.mins is None else self.mins.float()
+            return grouped_int8_matmul(x, self.codes, self.scales.float(), mins)
         if flat.shape[0] <= _PER_GROUP_KERNEL_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and x.is_cpu:
             out = self._per_group_kernel(flat)
         else:

@@ -13,7 +13,8 @@ only for half-precision activations: in float32 it is slower than dequantizing t
 calling a float32 matmul (1.6 against 1.0 ms for one row of a 3072 x 576 weight, 49 against
 1.9 ms for 32). Elsewhere (float32, other devices, odd sizes) :class:`Int4Weight` keeps the
 codes two to a byte too and dequantizes one layer at a time before a plain matmul, the
-reference the kernel is tested against.
+reference the kernel is tested against; on a CPU, up to :data:`DECODE_MAX_ROWS` rows (decode)
+go instead to lesson 15's numba kernel (``grouped_gemv``), which reads the nibbles in place.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+# Up to this many rows of activations that PyTorch's kernel does not take, lesson 15's numba
+# kernel multiplies the codes in place; more rows dequantize the layer once for a float GEMM.
+DECODE_MAX_ROWS = 16
 
 
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -44,7 +48,7 @@ def kernel_applies(output_size: int, group_size: int, device: torch.device, dtyp
 class Int4Weight(nn.Module):
     """A ``[N, K]`` weight held as 4-bit codes with a scale and min per group; ``forward(x) = x @ Wᵀ``.
 
-    Invariant: ``K % group_size == 0`` and ``K`` is even. Scales and zeros are kept in the
+    Invariant: ``K % group_size == 0`` and ``group_size`` is even. Scales and zeros are kept in the
     activations' dtype, which is what the kernel reads (a bf16 scale rounds like a bf16 weight
     would).
     """
@@ -54,8 +58,8 @@ class Int4Weight(nn.Module):
     ) -> None:
         super().__init__()
         n, k = codes.shape
-        if k % group_size or k % 2:
-            raise ValueError(f"input size {k} is not an even multiple of the group size {group_size}")
+        if k % group_size or group_size % 2:
+            raise ValueError(f"input size {k} is not a multiple of the group size {group_size}, or that is odd")
         self.group_size = group_size
         self.use_kernel = kernel_applies(n, group_size, codes.device, dtype)
         if self.use_kernel:
@@ -66,14 +70,23 @@ class Int4Weight(nn.Module):
             self.register_buffer("packed", packed, persistent=False)
             self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
         else:
-            codes = codes.to(torch.uint8)
-            self.register_buffer("nibbles", codes[:, 0::2] | (codes[:, 1::2] << 4), persistent=False)
+            # per group, byte j holds code j (low half) and code j + group_size / 2 (high half),
+            # as GGUF's blocks do: both halves then meet consecutive inputs
+            grouped = codes.to(torch.uint8).view(n, k // group_size, 2, group_size // 2)
+            self.register_buffer("nibbles", (grouped[:, :, 0] | (grouped[:, :, 1] << 4)).view(n, k // 2),
+                                 persistent=False)
             self.register_buffer("scales", scales.to(dtype), persistent=False)
             self.register_buffer("mins", mins.to(dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_kernel and x.is_cpu and x.numel() // x.shape[-1] <= DECODE_MAX_ROWS:
+            # float32 activations (lesson 15): a numba kernel reads the nibbles in place
+            from nanoengine.quant.grouped_gemv import int4_matmul
+
+            return int4_matmul(x, self.nibbles, self.scales.float(), self.mins.float(), self.group_size)
         if not self.use_kernel:
-            codes = torch.stack([self.nibbles & 0xF, self.nibbles >> 4], dim=-1).flatten(1)
+            halves = self.nibbles.view(self.nibbles.shape[0], -1, self.group_size // 2)
+            codes = torch.cat([halves & 0xF, halves >> 4], dim=-1).flatten(1)
             return F.linear(x, dequantize_int4(codes, self.scales, self.mins, self.group_size).to(x.dtype))
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
