@@ -208,6 +208,7 @@ def test_llm_runs_the_reference_path_in_a_copy_where_lesson_15_is_not_written(mo
             raise NotImplementedError(f"{task}: see the handout")
         return stub
 
+    monkeypatch.setattr(loader, "onednn_packing_available", lambda dtype, device: True)  # on any CPU
     monkeypatch.setattr(loader, "pack_linear_weights", unwritten("L15.T2"))
     monkeypatch.setattr(numba_cpu, "warm_up", unwritten("L15.T1"))
     engine_log = logging.getLogger("nanoengine")  # it does not propagate to caplog's root handler
