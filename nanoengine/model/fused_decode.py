@@ -112,7 +112,10 @@ def _silu_mul(gate_up, out):  # noqa: ANN001, ANN202
             out[m, i] = g / (np.float32(1.0) + math.exp(-g)) * gate_up[m, inter + i]
 
 
-@numba.njit(fastmath=True, cache=True)
+# Not cached on disk: numba's cache is keyed by this file alone, and this function compiles
+# in the kernels it calls from other files (the attention kernel is lesson 15's task L15.T1),
+# so a cached copy could go on running a kernel the learner has since changed.
+@numba.njit(fastmath=True)
 def _decode_stack(
     x, positions, slots, block_tables, seq_lens, cos, sin, k_pool, v_pool,
     w_in, w_post, w_qkv, s_qkv, w_o, s_o, w_gate_up, s_gate_up, w_down, s_down, w_final,
