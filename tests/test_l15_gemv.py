@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from nanoengine import LLM, SamplingParams
 from nanoengine.model.fused_decode import FusedDecode
 from nanoengine.model.layers.cpu_gemv import TILE, GemvLinearMethod, matmul_rows, use_gemv
-from nanoengine.model.layers.linear import ColumnLinear, UnquantizedLinearMethod
+from nanoengine.model.layers.linear import DECODE_MAX_ROWS, ColumnLinear, UnquantizedLinearMethod
 from nanoengine.quant.gguf import GroupedInt8Weight
-from nanoengine.quant.int4_kernel import DECODE_MAX_ROWS, Int4Weight, dequantize_int4
+from nanoengine.quant.int4_kernel import Int4Weight, dequantize_int4
 from nanoengine.quant.int8 import quantize_int8
 
 pytestmark = pytest.mark.l15

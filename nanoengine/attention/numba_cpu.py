@@ -36,10 +36,10 @@ from numba import prange
 from nanoengine.attention.metadata import AttentionMetadata
 from nanoengine.attention.torch_batched import batched_decode_attention
 from nanoengine.attention.torch_paged import attend_sequence
-from nanoengine.model.layers.cpu_gemv import widen_row
+from nanoengine.model.layers.cpu_gemv import kernel_array, widen_row
 from nanoengine.profiling import profiled
 
-_KERNEL_DTYPES = {torch.bfloat16: torch.int16, torch.float32: torch.float32}
+_CACHE_DTYPES = (torch.bfloat16, torch.float32)  # what the kernel reads (float16: PyTorch path)
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -82,22 +82,18 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, out):  # 
         # END SOLUTION
 
 
-def _as_kernel_array(cache: torch.Tensor) -> np.ndarray:
-    return cache.view(_KERNEL_DTYPES[cache.dtype]).numpy()
-
-
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """``q``: ``[B, Hq, D]``, one query per sequence at its last position; returns ``[B, Hq, D]``
     in q's dtype. Caches of a dtype the kernel cannot read (float16) take the batched PyTorch path."""
-    if k_cache.dtype not in _KERNEL_DTYPES:
+    if k_cache.dtype not in _CACHE_DTYPES:
         return batched_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
     out = np.empty(q.shape, np.float32)
     with profiled("nanoengine.attention"):
         _decode_kernel(
-            q.float().numpy(), _as_kernel_array(k_cache), _as_kernel_array(v_cache),
+            q.float().numpy(), kernel_array(k_cache), kernel_array(v_cache),
             block_tables.numpy(), seq_lens.numpy(), np.float32(scale), out,
         )
     return torch.from_numpy(out).to(q.dtype)
@@ -106,7 +102,7 @@ def decode_attention(
 def warm_up(dtype: torch.dtype) -> None:
     """Compile the kernel for ``dtype``'s caches (or load it from numba's cache) by running it
     on one two-token sequence: the first decode step then runs at full speed."""
-    if dtype not in _KERNEL_DTYPES:
+    if dtype not in _CACHE_DTYPES:
         return
     cache = torch.zeros(1, 2, 1, 4, dtype=dtype)
     # The argument types the engine passes (int32 block tables, int64 lengths): one specialization.

@@ -33,9 +33,10 @@ from numba import prange, types
 from numba.extending import overload
 from torch import nn
 
-from nanoengine.attention.numba_cpu import _as_kernel_array, _decode_kernel, paged_attention as numba_attention
+from nanoengine.attention.numba_cpu import _decode_kernel, paged_attention as numba_attention
 from nanoengine.attention.torch_paged import PagedAttention
-from nanoengine.model.layers.cpu_gemv import DECODE_MAX_ROWS, _KERNEL_DTYPES, _matmul_float32, _matmul_widened
+from nanoengine.model.layers.cpu_gemv import _matmul_float32, _matmul_widened, kernel_array
+from nanoengine.model.layers.linear import DECODE_MAX_ROWS
 from nanoengine.profiling import profiled
 
 
@@ -105,6 +106,7 @@ def _rotate_half(row, num_heads, head_dim, cos, sin):  # noqa: ANN001, ANN202
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def _silu_mul(gate_up, out):  # noqa: ANN001, ANN202
+    """``out = silu(gate) * up`` per row, ``gate_up`` holding gate then up (``[M, 2I]``)."""
     rows, inter = out.shape
     for m in range(rows):
         for i in prange(inter):
@@ -198,7 +200,7 @@ class FusedDecode:
         self.modules = self._modules_now()
         # weight and scales of q/k/v, o, gate/up and down, each [layers, out, in] and [layers, out]
         stacked = [_stack_weights(self.modules[kind::4]) for kind in range(4)]
-        self.weights = [_kernel_array(t) for pair in stacked for t in pair]
+        self.weights = [kernel_array(t) for pair in stacked for t in pair]
         self.norms = [
             torch.stack([layer.input_layernorm.weight.float() for layer in layers]).numpy(),
             torch.stack([layer.post_attention_layernorm.weight.float() for layer in layers]).numpy(),
@@ -231,15 +233,10 @@ class FusedDecode:
             _decode_stack(
                 x.numpy(), positions.numpy(), metadata.slot_mapping.numpy(), metadata.block_tables.numpy(),
                 np.asarray(metadata.seq_lens, np.int64), self.model.rotary.cos.numpy(), self.model.rotary.sin.numpy(),
-                _as_kernel_array(cache.k), _as_kernel_array(cache.v), w_in, w_post, *self.weights, w_final,
+                kernel_array(cache.k), kernel_array(cache.v), w_in, w_post, *self.weights, w_final,
                 self.num_heads, self.num_kv_heads, self.head_dim, np.float32(self.eps), np.float32(self.scale),
             )
         return x.to(hidden.dtype)
-
-
-def _kernel_array(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy view of a weight as the kernels read it (bf16 as its bit patterns)."""
-    return tensor.view(_KERNEL_DTYPES[tensor.dtype]).numpy()
 
 
 def fusable(model: nn.Module) -> bool:

@@ -34,9 +34,9 @@ from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 from nanoengine.model.gguf_file import GGUFBlocks
-from nanoengine.model.layers.linear import LinearMethodBase
+from nanoengine.model.layers.linear import DECODE_MAX_ROWS, LinearMethodBase
 from nanoengine.quant.base import QuantizationConfig
-from nanoengine.quant.int4_kernel import DECODE_MAX_ROWS, Int4Weight
+from nanoengine.quant.int4_kernel import Int4Weight
 
 Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 

@@ -8,10 +8,11 @@ layers dequantized a whole layer, or tiles of it, before every matmul: on an AMD
 
 Here each weight row is dequantized into a float32 scratch row that stays in the core's L1
 (``code * scale + min``, group by group), and every activation row takes one dot product with
-it: the float weight never exists whole, and the long dot product vectorizes where a sum per
-32-input group would spend its time on horizontal additions (measured: 2.2 G weights/s for
-sums per group). Each output is one fixed sequence of additions whatever the number of rows,
-as in ``cpu_gemv``. Tested against dequantizing and ``F.linear``.
+it, so the float weight never exists whole. It is ~3x the old path, not yet at the bandwidth
+floor: unpacking the nibbles runs at ~2 G weights/s on the EPYC (numba does not vectorize the
+short per-group loops well; a sum per group instead of a scratch row measured the same).
+Each output is one fixed sequence of additions whatever the number of rows, as in
+``cpu_gemv``. Tested against dequantizing and ``F.linear``.
 """
 
 from __future__ import annotations

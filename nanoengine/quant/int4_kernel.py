@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoengine.model.layers.linear import DECODE_MAX_ROWS
+
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
-# Up to this many rows of activations that PyTorch's kernel does not take, lesson 15's numba
-# kernel multiplies the codes in place; more rows dequantize the layer once for a float GEMM.
-DECODE_MAX_ROWS = 16
 
 
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:

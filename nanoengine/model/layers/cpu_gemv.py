@@ -30,6 +30,7 @@ scale per output row (lesson 11's weight-only int8).
 from __future__ import annotations
 
 import functools
+
 import numba
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from numba import prange, types
 from numba.extending import overload
 from torch import nn
 
-from nanoengine.model.layers.linear import LinearMethodBase
+from nanoengine.model.layers.linear import DECODE_MAX_ROWS, LinearMethodBase
 from nanoengine.platform import cpu_has_native_bf16
 from nanoengine.profiling import profiled
 
@@ -115,7 +116,7 @@ def matmul_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | No
     kernel = _matmul_float32 if weight.dtype == torch.float32 else _matmul_widened
     with profiled("nanoengine.gemv"):
         kernel(
-            flat.numpy(), weight.view(_KERNEL_DTYPES[weight.dtype]).numpy(), scales.float().contiguous().numpy(),
+            flat.numpy(), kernel_array(weight), scales.float().contiguous().numpy(),
             out.numpy(),
         )
     return out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
@@ -125,6 +126,11 @@ def matmul_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | No
 def _ones(size: int) -> torch.Tensor:
     """The scales of a float weight (kept, so a step allocates none)."""
     return torch.ones(size, dtype=torch.float32)
+
+
+def kernel_array(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a weight or KV pool as the numba kernels read it (bf16 as its bits)."""
+    return tensor.view(_KERNEL_DTYPES[tensor.dtype]).numpy()
 
 
 def gemv_supported(weight_dtype: torch.dtype) -> bool:
@@ -166,11 +172,6 @@ def warm_up() -> None:
     x = torch.zeros(1, 4)
     for dtype in _KERNEL_DTYPES:
         matmul_rows(x, torch.zeros(2, 4, dtype=dtype), torch.ones(2))
-
-
-# Up to this many rows a step's matmul runs the kernel (measured on the AMD EPYC above: at 16
-# rows it is still ~1.4x ``F.linear`` for float32; at 64, MKL's GEMM is faster).
-DECODE_MAX_ROWS = 16
 
 
 def max_rows_for(stored_dtype: torch.dtype) -> int | None:

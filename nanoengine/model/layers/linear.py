@@ -23,6 +23,12 @@ from torch import nn
 from nanoengine.parallel.state import ParallelGroup, current_layout, divide
 
 
+# Up to this many rows a step's matmul counts as decode-sized: lesson 15's CPU kernels (the
+# GEMV of ``cpu_gemv``, the GGUF codes of ``quant/grouped_gemv``) take it. Measured on an AMD
+# EPYC Zen 1: at 16 rows the float32 GEMV is still ~1.4x ``F.linear``; at 64 MKL's GEMM wins.
+DECODE_MAX_ROWS = 16
+
+
 class LinearMethod(Protocol):
     """How a linear layer stores, loads and applies its weight (plain, or quantized: lesson 11).
 
