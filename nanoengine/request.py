@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 
 from nanoengine.lora.request import LoRARequest
 from nanoengine.sampling_params import SamplingParams
@@ -22,6 +23,42 @@ class RequestStatus(enum.Enum):
     @property
     def finished(self) -> bool:
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+class TokenView(Sequence[int]):
+    """A request's prompt followed by its output, read in place.
+
+    The scheduler reads a request's tokens every step (its next chunk, the slots to
+    allocate, the blocks to hash); concatenating prompt and output each time would cost
+    time growing with the sequence every step, quadratic over a request. Indexing reads the
+    two lists; a slice copies only the tokens it names. Invariant: it sees the lists as
+    they are now (an output token appended later shows up).
+    """
+
+    __slots__ = ("prompt", "output")
+
+    def __init__(self, prompt: list[int], output: list[int]) -> None:
+        self.prompt = prompt
+        self.output = output
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:  # type: ignore[override]
+        split = len(self.prompt)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            if stop <= split:
+                return self.prompt[start:stop]
+            if start >= split:
+                return self.output[start - split : stop - split]
+            return self.prompt[start:] + self.output[: stop - split]
+        position = index + len(self) if index < 0 else index
+        if not 0 <= position < len(self):
+            raise IndexError(f"token index {index} out of range for {len(self)} tokens")
+        return self.prompt[position] if position < split else self.output[position - split]
 
 
 @dataclasses.dataclass(slots=True)
@@ -61,8 +98,9 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def all_token_ids(self) -> TokenView:
+        """Prompt then output, without copying them (slice it for a list)."""
+        return TokenView(self.prompt_token_ids, self.output_token_ids)
 
     @property
     def finish_reason(self) -> str | None:

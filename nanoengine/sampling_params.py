@@ -7,8 +7,24 @@ starts, with a ``ValueError`` that names the field and the allowed range.
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What the engine's outputs for a request carry, step after step (vLLM's names).
+
+    ``CUMULATIVE``: everything so far, every step (a new copy each time, so its cost grows
+    with the request); ``DELTA``: only what is new since the request's last output (the
+    prompt with the first one; text held back while it could still be the start of a stop
+    string); ``FINAL_ONLY``: one output, when the request finishes. ``LLM.generate`` asks
+    for ``FINAL_ONLY``; the server's engine process sends ``DELTA``.
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclasses.dataclass(slots=True)
@@ -40,6 +56,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, low=1)
@@ -68,6 +85,10 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        if isinstance(self.output_kind, bool) or self.output_kind not in tuple(RequestOutputKind):
+            raise ValueError(f"output_kind must be one of {', '.join(k.name for k in RequestOutputKind)}; "
+                             f"got {self.output_kind!r}")
+        self.output_kind = RequestOutputKind(self.output_kind)
         self.stop = _normalise_stop(self.stop)
         self.stop_token_ids = _normalise_token_ids(self.stop_token_ids)
         if self.logit_bias is not None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nanoengine import SamplingParams
+from nanoengine.request import TokenView
 
 pytestmark = pytest.mark.l01
 
@@ -159,3 +162,19 @@ def test_sampling_params_defaults_match_vllm():
     assert (p.n, p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens, p.min_tokens) == (1, 1.0, 1.0, 0, 0.0, 16, 0)
     assert SamplingParams(top_k=-1).top_k == 0
     assert SamplingParams(stop="x").stop == ["x"]
+
+
+@given(prompt=st.lists(st.integers(0, 9), max_size=6), output=st.lists(st.integers(0, 9), max_size=6),
+       start=st.integers(-8, 8) | st.none(), stop=st.integers(-8, 8) | st.none(),
+       step=st.sampled_from([None, 1, 2, -1]), index=st.integers(-14, 13))
+def test_a_token_view_reads_like_the_concatenated_list(prompt, output, start, stop, step, index):
+    """``Request.all_token_ids`` reads prompt and output in place; it must index, slice and
+    fail exactly as ``prompt + output`` would."""
+    view, full = TokenView(prompt, output), prompt + output
+    assert len(view) == len(full) and list(view) == full
+    assert view[start:stop:step] == full[start:stop:step]
+    if -len(full) <= index < len(full):
+        assert view[index] == full[index]
+    else:
+        with pytest.raises(IndexError):
+            view[index]

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from nanoengine.engine.async_engine import AsyncEngine, EngineInfo, EngineMetrics
 from nanoengine.engine.inputs import Prompt
 from nanoengine.outputs import CompletionOutput, RequestOutput
-from nanoengine.sampling_params import SamplingParams
+from nanoengine.sampling_params import RequestOutputKind, SamplingParams
 from tests.engines import alone, run_async
 from tests.parallel_ranks import GREEDY, KV_BYTES, PROMPTS, greedy_tokens, parallel_llm
 
@@ -300,26 +300,71 @@ def test_request_lives_figure_reads_what_the_client_saw():
         request_lives([RequestLife("d", 0.0, ())])
 
 
-def test_outputs_cross_the_pipe_as_deltas_and_merge_back(llm_for):
-    from nanoengine.engine.async_engine import merge_output, only_new
+@pytest.mark.parametrize("stop", [[], ["e"], ["ab", "xyz"]])
+def test_delta_outputs_merge_back_into_the_cumulative_ones(llm_for, stop):
+    """The same seeded request run CUMULATIVE and DELTA: each delta carries one new token a
+    sequence (the prompt only first), and the merged deltas, their texts joined, equal the
+    last cumulative output, stop strings (held back until they cannot match) included."""
+    from nanoengine.engine.async_engine import merge_output
 
+    engine = llm_for(NAME).llm_engine
+    runs = {}
+    for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA):
+        params = SamplingParams(n=2, temperature=0.8, seed=4, max_tokens=6, min_tokens=2, logprobs=3,
+                                prompt_logprobs=1, stop=stop, output_kind=kind)
+        engine.add_request(kind.name, Prompt(None, [3, 4, 5, 6]), params)
+        runs[kind] = []
+        while engine.has_unfinished_requests():
+            runs[kind] += [copy.deepcopy(out) for out in engine.step()]
+    final = runs[RequestOutputKind.CUMULATIVE][-1]
+    snapshot, texts = None, {}
+    for i, delta in enumerate(runs[RequestOutputKind.DELTA]):
+        if i:
+            assert delta.prompt_token_ids == [] and delta.prompt_logprobs is None
+            assert all(len(c.token_ids) <= 1 for c in delta.outputs)
+        for c in delta.outputs:
+            texts[c.index] = texts.get(c.index, "") + c.text
+        snapshot = delta if snapshot is None else merge_output(snapshot, delta)
+    assert snapshot.finished and final.finished
+    assert snapshot.prompt_token_ids == final.prompt_token_ids and snapshot.prompt_logprobs == final.prompt_logprobs
+    assert [(c.index, c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason) for c in snapshot.outputs] \
+        == [(c.index, c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason) for c in final.outputs]
+    assert texts == {c.index: c.text for c in final.outputs}
+
+
+def test_delta_text_holds_back_what_may_start_a_stop_string(llm_for):
+    """Two tokens whose texts meet in a two-character stop string: the delta after the first
+    keeps back its last character (it might begin the stop string), and the sequence ends
+    with the text before the stop string, nothing of it ever sent."""
+    from nanoengine.engine.output_processor import OutputProcessor
+    from nanoengine.request import Request
+
+    tokenizer = llm_for(NAME).loaded.tokenizer
+    first, second = [t for t in range(3, 400) if len(tokenizer.decode([t])) >= 2
+                     and tokenizer.decode([t]).isalpha()][:2]  # two tokens of plain letters
+    first_text, second_text = tokenizer.decode([first]), tokenizer.decode([first, second])[len(tokenizer.decode([first])):]
+    stop = first_text[-1] + second_text[0]
+    params = SamplingParams(max_tokens=4, stop=[stop], output_kind=RequestOutputKind.DELTA)
+    processor = OutputProcessor(Request("s", None, [5, 6], params, frozenset(), 0.0), tokenizer, max_model_len=64)
+    processor.process_token(first)
+    assert processor.delta().text == first_text[:-1]
+    assert processor.process_token(second)
+    assert processor.delta().text == "" and processor.text == first_text[:-1]
+
+
+def test_final_only_gives_one_output_and_generate_refuses_delta(llm_for):
     llm = llm_for(NAME)
     engine = llm.llm_engine
-    params = SamplingParams(n=2, temperature=0.8, seed=4, max_tokens=6, min_tokens=6, logprobs=3, prompt_logprobs=1)
-    engine.add_request("d", Prompt(None, [3, 4, 5, 6]), params)
-    sent, snapshot, steps = {}, None, []
+    engine.add_request("f", Prompt(None, [3, 4, 5]), SamplingParams(max_tokens=5, ignore_eos=True,
+                                                                output_kind=RequestOutputKind.FINAL_ONLY))
+    outputs = []
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            steps.append(copy.deepcopy(out))
-            delta = only_new(out, sent)
-            if snapshot is not None:
-                assert delta.prompt_token_ids == [] and all(len(c.token_ids) == 1 for c in delta.outputs)
-            snapshot = delta if snapshot is None else merge_output(snapshot, delta)
-    final = steps[-1]
-    assert snapshot.finished and sent == {}
-    assert snapshot.prompt_token_ids == final.prompt_token_ids and snapshot.prompt_logprobs == final.prompt_logprobs
-    assert [(c.index, c.token_ids, c.logprobs, c.text, c.cumulative_logprob, c.finish_reason) for c in snapshot.outputs] \
-        == [(c.index, c.token_ids, c.logprobs, c.text, c.cumulative_logprob, c.finish_reason) for c in final.outputs]
+        outputs += engine.step()
+    assert len(outputs) == 1 and outputs[0].finished and len(outputs[0].outputs[0].token_ids) == 5
+    with pytest.raises(ValueError, match="output_kind DELTA"):
+        llm.generate("hi", SamplingParams(output_kind=RequestOutputKind.DELTA))
+    with pytest.raises(ValueError, match="output_kind must be one of"):
+        SamplingParams(output_kind=True)
 
 
 def _same_logprobs(ours, theirs):

@@ -214,8 +214,10 @@ class KVCacheManager:
     def _cache_full_blocks(self, request_id: str, token_ids: Sequence[int], extra_keys: tuple) -> None:
         """Register every block that ``token_ids`` fill, under its chained hash."""
         known = self.hashes.setdefault(request_id, [])
-        table = self.tables[request_id]
         first_new = len(known)
+        if len(token_ids) // self.block_size == first_new:
+            return  # no block filled since the last call (most decode steps): nothing to copy or hash
+        table = self.tables[request_id]
         known[:] = block_hashes(token_ids, self.block_size, extra_keys, known)
         for index in range(first_new, len(known)):
             if self.pool.cache(table[index], known[index]):

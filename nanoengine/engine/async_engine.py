@@ -46,7 +46,7 @@ from nanoengine.engine.inputs import Prompt
 from nanoengine.engine.output_processor import TextStream
 from nanoengine.lora.request import LoRARequest
 from nanoengine.outputs import PositionLogprobs, RequestOutput
-from nanoengine.sampling_params import SamplingParams
+from nanoengine.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("nanoengine")
 
@@ -105,34 +105,12 @@ def _snapshot(engine) -> EngineMetrics:
     )
 
 
-def only_new(output: RequestOutput, sent: dict[str, dict[int, int]]) -> RequestOutput:
-    """Cut ``output`` down to what the server's side does not have yet: each sequence's new
-    tokens and logprobs, and the prompt (with its logprobs) only the first time.
-
-    A cumulative snapshot grows with the request, so sending one every step would cost time
-    quadratic in its length (with 20 logprobs a token, that is most of a long request's
-    time). ``sent`` counts the tokens already sent per request and sequence; text, finish
-    reasons and the cumulative logprob are small and sent whole. :func:`merge_output` undoes it.
-    """
-    counts = sent.get(output.request_id)
-    if counts is None:
-        counts = sent[output.request_id] = {}
-    else:
-        output.prompt_token_ids, output.prompt_logprobs = [], None
-    for completion in output.outputs:
-        already = counts.get(completion.index, 0)
-        completion.token_ids = completion.token_ids[already:]
-        if completion.logprobs is not None:
-            completion.logprobs = completion.logprobs[already:]
-        counts[completion.index] = already + len(completion.token_ids)
-    if output.finished:
-        del sent[output.request_id]
-    return output
-
-
 def merge_output(snapshot: RequestOutput, new: RequestOutput) -> RequestOutput:
-    """Bring a request's cumulative ``snapshot`` up to date with ``new`` (from :func:`only_new`),
-    in place, and return it."""
+    """Bring a request's cumulative ``snapshot`` up to date with ``new`` (a ``DELTA`` output:
+    see :class:`~nanoengine.sampling_params.RequestOutputKind`), in place, and return it.
+
+    The engine process sends deltas because a cumulative snapshot grows with the request:
+    sending one every step would cost time quadratic in its length."""
     by_index = {completion.index: completion for completion in snapshot.outputs}
     for completion in new.outputs:
         have = by_index.get(completion.index)
@@ -165,7 +143,7 @@ class FrontendText:
         self.counts: dict[int, int] = {}
 
     def apply(self, output: RequestOutput) -> RequestOutput:
-        """Give ``output`` (new tokens only, from :func:`only_new`) its text, in place."""
+        """Give ``output`` (new tokens only, a ``DELTA`` output) its text, in place."""
         kept = []
         for completion in output.outputs:
             stream = self.streams.get(completion.index)
@@ -212,7 +190,7 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
     lesson 14, ``embed``, lesson 16), ``("shutdown",)``. Messages out:
     ``("ready", EngineInfo)`` or ``("failed", message)`` once, then ``("outputs",
     [RequestOutput], EngineMetrics)`` after every step or abort (each output carries only
-    what is new since the last one: see :func:`only_new`), ``("error", request_id,
+    what is new since the last one: requests run with ``output_kind=DELTA``), ``("error", request_id,
     message)`` for a request the engine refused, ``("utility", call_id, result, message)``
     for every utility call (``message``: None, or why it failed), or ``("fatal", message)``
     once, if a rank of its parallel world failed (lesson 12). Waits on the pipe when idle,
@@ -237,7 +215,6 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
         _serve_embeddings(llm, conn, name)
         return
     engine = llm.llm_engine
-    sent: dict[str, dict[int, int]] = {}  # request id -> sequence index -> tokens already sent
     conn.send(("ready", EngineInfo(
         name, loaded.tokenizer, loaded.max_model_len, loaded.hf_config.vocab_size,
         engine.kv_cache_manager.pool.num_blocks, engine.kv_cache_manager.block_size,
@@ -261,13 +238,12 @@ def run_engine_core(model: str | None, llm_kwargs: dict, conn: Connection) -> No
                     conn.send(("utility", call_id, *_run_utility(llm, method, args)))
                 elif message[0] == "abort":
                     engine.abort_request(message[1])
-                    sent.pop(message[1], None)
                     conn.send(("outputs", [], _snapshot(engine)))
         except (EOFError, OSError):  # the server's process is gone
             llm.shutdown()
             return
         try:
-            outputs = [only_new(output, sent) for output in engine.step()]
+            outputs = engine.step()
         except WorkerFailure as failure:
             with contextlib.suppress(OSError):
                 conn.send(("fatal", str(failure)))
@@ -539,7 +515,7 @@ class AsyncEngine:
         Stopping early (``break``, ``aclose``, cancellation) aborts the request. The loop
         (task L13.T1) waits on the request's queue: the ``_ABORTED`` marker ends the stream
         quietly, an exception (a refused request, a dead engine) is raised, and an output (only
-        what is new, see :func:`only_new`) gets its text (:class:`FrontendText`) and is merged
+        what is new: a ``DELTA`` output) gets its text (:class:`FrontendText`) and is merged
         into the request's cumulative snapshot, which is yielded; the loop ends once the engine
         finished the request or every sequence ended (a stop string). The snapshot is one
         object, updated in place from step to step: copy what you need to keep. However the
@@ -550,12 +526,16 @@ class AsyncEngine:
             raise RuntimeError(self._dead)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.output_kind != RequestOutputKind.CUMULATIVE:
+            raise ValueError(f"AsyncEngine.generate yields the request so far at every step; output_kind "
+                             f"{params.output_kind.name} is not offered here")
         items: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), items)
         text = None
         if params.detokenize:  # the engine sends tokens; text and stop strings are made here
             text = FrontendText(self.info.tokenizer, prompt.token_ids, params)
             params = dataclasses.replace(params, stop=[], detokenize=False)
+        params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)  # see merge_output
         self._outbox.put(("add", request_id, prompt, params, lora_request))
         engine_finished, snapshot = False, None
         # BEGIN SOLUTION L13.T1

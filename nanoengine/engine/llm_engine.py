@@ -256,13 +256,16 @@ class LLMEngine:
                 processor = state.sequences[child_id]
                 if processor.request.status.finished:
                     continue  # it stopped on an earlier token of the same step (a guess past a stop)
-                if processor.process_token(token, entry).finish_reason is not None:
+                if processor.process_token(token, entry):
                     self.scheduler.finish_request(child_id)
                     del self.owner[child_id]
-        outputs = [state.output() for state in touched.values()]
-        for output in outputs:
-            if output.finished:
-                del self.states[output.request_id]
+        outputs = []
+        for request_id, state in touched.items():
+            if state.finished:
+                del self.states[request_id]
+            output = state.output()
+            if output is not None:
+                outputs.append(output)
         self._drop_unloaded_loras()
         return outputs
 

@@ -224,8 +224,8 @@ class NaiveEngine:
             self.current = self._start(self.queue.popleft())
         request, state, stream = self.current
         state.sequences[request.request_id].process_token(next(stream))
-        output = state.output()
-        if output.finished:
+        if state.finished:
             stream.close()  # frees a paged request's blocks now, not when garbage-collected
             self.current = None
-        return [output]
+        output = state.output()
+        return [] if output is None else [output]

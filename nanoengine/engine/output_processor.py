@@ -4,7 +4,10 @@ Append it, stream its text, decide whether the sequence ends (EOS, stop token, s
 length), and give the user a snapshot. Every engine (lessons 01–04's one-at-a-time loop,
 lesson 06's continuous batching) feeds tokens through the same :class:`OutputProcessor`;
 a :class:`RequestState` gathers a request's sequences (``n`` of them after a fork, lesson
-08) and its prompt logprobs into one :class:`RequestOutput`.
+08) and its prompt logprobs into one :class:`RequestOutput`, shaped as the request's
+``SamplingParams.output_kind`` asks: everything so far, only what is new, or only the end.
+Nothing here copies a request's history per step except a ``CUMULATIVE`` snapshot, which
+is what that kind asks for.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from nanoengine.engine.stop_checker import check_token_stop, find_stop_string
 from nanoengine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from nanoengine.request import Request, RequestStatus
 from nanoengine.sampling import TokenLogprobs
-from nanoengine.sampling_params import SamplingParams
+from nanoengine.sampling_params import RequestOutputKind, SamplingParams
 
 
 def position_logprobs(entry: TokenLogprobs, tokenizer: PreTrainedTokenizerBase | None) -> PositionLogprobs:
@@ -63,8 +66,9 @@ class TextStream:
 class OutputProcessor:
     """One sequence's text, logprobs and stopping state.
 
-    Invariant: ``text`` is the sequence's output text so far (see :class:`TextStream`); once
-    the sequence has finished, no token is processed.
+    Invariants: ``text`` is the sequence's output text so far (see :class:`TextStream`); once
+    the sequence has finished, no token is processed. ``sent_tokens`` / ``sent_chars``: how
+    many of its tokens (and logprobs) and text characters earlier ``DELTA`` outputs carried.
     """
 
     def __init__(self, request: Request, tokenizer: PreTrainedTokenizerBase, max_model_len: int, index: int = 0) -> None:
@@ -76,13 +80,16 @@ class OutputProcessor:
         self.text_stream = TextStream(tokenizer, request.prompt_token_ids, params) if params.detokenize else None
         self.logprobs: list[PositionLogprobs] | None = None if params.logprobs is None else []
         self.cumulative_logprob: float | None = None if params.logprobs is None else 0.0
+        self.sent_tokens = self.sent_chars = 0
+        # DELTA text waits while its end could still begin a stop string (which would be cut)
+        self.held_chars = 0 if params.include_stop_str_in_output else max(map(len, params.stop), default=1) - 1
 
     @property
     def text(self) -> str:
         return "" if self.text_stream is None else self.text_stream.text
 
-    def process_token(self, token: int, logprobs: TokenLogprobs | None = None) -> CompletionOutput:
-        """Append ``token`` to the sequence, update its text and status, return its snapshot."""
+    def process_token(self, token: int, logprobs: TokenLogprobs | None = None) -> bool:
+        """Append ``token`` to the sequence, update its text and status; True if it ended here."""
         request = self.request
         if request.status.finished:
             raise RuntimeError(f"request {request.request_id} has already finished")
@@ -99,7 +106,7 @@ class OutputProcessor:
                 request.stop_reason, request.status = stop, RequestStatus.FINISHED_STOPPED
         if request.status.finished:
             request.finished_time = time.monotonic()
-        return self.completion()
+        return request.status.finished
 
     def completion(self) -> CompletionOutput:
         """The sequence so far (copies, so later tokens do not leak into it)."""
@@ -113,6 +120,25 @@ class OutputProcessor:
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
         )
+
+    def delta(self) -> CompletionOutput:
+        """What the sequence gained since the last call: new tokens and logprobs, new text
+        (all of it once finished, else short of ``held_chars``); costs only what is new."""
+        request = self.request
+        tokens = request.output_token_ids
+        text = self.text
+        ready = len(text) if request.status.finished else max(self.sent_chars, len(text) - self.held_chars)
+        completion = CompletionOutput(
+            index=self.index,
+            text=text[self.sent_chars:ready],
+            token_ids=tokens[self.sent_tokens:],
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else self.logprobs[self.sent_tokens:],
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+        )
+        self.sent_tokens, self.sent_chars = len(tokens), ready
+        return completion
 
 
 class RequestState:
@@ -131,6 +157,7 @@ class RequestState:
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             None if request.params.prompt_logprobs is None else [None]
         )
+        self.prompt_sent = False  # DELTA: the prompt goes with the request's first output
 
     def fork(self, children: list[Request]) -> None:
         """The request became ``n`` sequences, numbered in order."""
@@ -153,23 +180,32 @@ class RequestState:
     def live_sequence_ids(self) -> list[str]:
         return [rid for rid, p in self.sequences.items() if not p.request.status.finished]
 
-    def output(self) -> RequestOutput:
-        """The user-facing snapshot of the whole request."""
+    def output(self) -> RequestOutput | None:
+        """The user-facing output of this step, as ``params.output_kind`` asks: the whole
+        request so far (``CUMULATIVE``), what is new since the last output (``DELTA``), or
+        None until the request has finished (``FINAL_ONLY``, then the whole request)."""
         request = self.request
+        kind = request.params.output_kind
+        finished = self.finished
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
         processors = list(self.sequences.values())
         finished_times = [p.request.finished_time for p in processors]
         first_times = [p.request.first_token_time for p in processors if p.request.first_token_time is not None]
+        delta = kind == RequestOutputKind.DELTA
+        with_prompt = not (delta and self.prompt_sent)
+        self.prompt_sent = True
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
-            prompt_token_ids=list(request.prompt_token_ids),
-            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
-            outputs=[p.completion() for p in processors],
-            finished=self.finished,
+            prompt_token_ids=list(request.prompt_token_ids) if with_prompt else [],
+            prompt_logprobs=None if self.prompt_logprobs is None or not with_prompt else list(self.prompt_logprobs),
+            outputs=[p.delta() if delta else p.completion() for p in processors],
+            finished=finished,
             metrics=RequestMetrics(
                 request.arrival_time,
                 min(first_times, default=None),
-                max(finished_times) if self.finished else None,
+                max(finished_times) if finished else None,
             ),
             lora_request=request.lora_request,
         )

@@ -286,7 +286,7 @@ class Scheduler:
             if s.num_lookahead_tokens:
                 accepted = (sampled or {}).get(s.request_id, [None])[:-1]
                 request.num_computed_tokens += len(accepted)
-                self.kv.truncate(s.request_id, request.all_token_ids + accepted)
+                self.kv.truncate(s.request_id, [*request.all_token_ids, *accepted])
 
     def finish_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_STOPPED) -> None:
         """Remove a finished or aborted request and free its blocks (a no-op if already gone)."""
