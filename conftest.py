@@ -11,17 +11,26 @@ import os
 import re
 
 import pytest
-import torch
-from hypothesis import HealthCheck, Phase, settings
 
-from nanoengine.course.check import COLLECT_ONLY_VARIABLE
+# CI runs the suite on two pytest-xdist workers (README's test command) on a 2-core machine:
+# each worker keeps to one thread, since torch's, numba's and OpenMP's pools spinning on a
+# shared core slow one another many times over (a numba decode step went from 25 ms to over
+# 1 s that way). Read by numba and OpenMP when first imported, so set before torch is.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _pool in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_pool, "1")
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+from nanoengine.course.check import COLLECT_ONLY_VARIABLE  # noqa: E402
 
 # numba reads this once, when first imported: without a GPU, numba.cuda kernels (lesson 05)
 # run on the CUDA simulator. setdefault leaves an explicit choice alone.
 if not torch.cuda.is_available():
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-NUM_LESSONS = 17  # l00 .. l16
+NUM_LESSONS = 18  # l00 .. l17
 TASKS_PER_LESSON = 9
 
 # Derandomized and bounded: the same examples on every machine, every run.

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import sys
 
+from nanoengine.config import add_fast_path_arg
 from nanoengine.engine.async_engine import AsyncEngine
 from nanoengine.engine.inputs import Prompt, render_chat
 from nanoengine.quant.registry import quantization_methods
@@ -26,8 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
-                   help="lesson 15's fast kernels (off: the reference path)")
+    add_fast_path_arg(p)
     p.add_argument("--quantization", "-q", choices=quantization_methods(), default=None,
                    help="quantized weights (lesson 11); gguf runs a GGUF's own blocks")
     p.set_defaults(func=main)
@@ -47,7 +47,8 @@ async def _reply(engine: AsyncEngine, token_ids: list[int], params: SamplingPara
 
 def main(args: argparse.Namespace) -> int:
     engine = AsyncEngine.start(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-                               fast_path=args.fast_path, quantization=args.quantization)
+                               fast_path=args.fast_path, enforce_eager=args.enforce_eager, batch_invariant=args.batch_invariant,
+                               quantization=args.quantization)
     tokenizer, max_len = engine.info.tokenizer, engine.info.max_model_len
     system = [{"role": "system", "content": args.system}] if args.system else []
     conversation = list(system)

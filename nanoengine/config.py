@@ -32,6 +32,11 @@ class ModelConfig:
     existence is checked by the loader, which knows the bundled names. ``fast_path`` turns on
     lesson 15's speed-ups (prepacked oneDNN weights on a bf16 CPU, the fast attention
     backend); off, the model runs the reference path the correctness tests use.
+    ``enforce_eager`` (vLLM's name) keeps the fast path's kernels but runs a decode step
+    module by module, as before lesson 17, instead of as one fused call.
+    ``batch_invariant`` (vLLM's name): every row's arithmetic is independent of the batch, so a
+    greedy request gives the same tokens alone, in any batch, chunked or from the prefix cache
+    (``nanoengine.model.batch_invariant``; a CPU mode, and a slower one).
     ``quantization`` names a lesson-11 method (``nanoengine.quant.registry``) or is None.
     """
 
@@ -41,6 +46,8 @@ class ModelConfig:
     seed: int = 0
     device: str = "auto"
     fast_path: bool = False
+    enforce_eager: bool = False
+    batch_invariant: bool = False
     quantization: str | None = None
 
     def __post_init__(self) -> None:
@@ -58,6 +65,13 @@ class ModelConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if not isinstance(self.fast_path, bool):
             raise ValueError(f"fast_path must be a bool; got {self.fast_path!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool; got {self.enforce_eager!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be a bool; got {self.batch_invariant!r}")
+        if self.batch_invariant and (self.device == "cuda" or self.dtype == "float16"):
+            raise ValueError(f"batch_invariant=True runs float32 or bfloat16 on the CPU; got device={self.device!r}, "
+                             f"dtype={self.dtype!r}")
         check_quantization_name(self.quantization)
 
 
@@ -266,3 +280,15 @@ def parse_size(text: str) -> int:
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"cannot read {text!r} as a size; use bytes or a unit such as 512MiB or 1GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def add_fast_path_arg(p: argparse.ArgumentParser) -> None:
+    """``--fast-path`` (default) / ``--no-fast-path``: lesson 15's kernels or the reference path;
+    ``--enforce-eager``: the fast kernels, but a decode step module by module (lesson 17);
+    ``--batch-invariant``: batch-invariant mode (:class:`ModelConfig`)."""
+    p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
+                   help="lesson 15's fast kernels (--no-fast-path: the reference path)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run a decode step module by module instead of as one fused call (lesson 17)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="the same greedy tokens for a request whatever else is batched with it (CPU; slower)")

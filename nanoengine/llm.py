@@ -8,6 +8,7 @@ their one-request-at-a-time ``NaiveEngine`` there. The API stays.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from nanoengine.pooling.embedder import Embedder
 from nanoengine.sampling.beam_search import (
     BeamSearchOutput, BeamSearchParams, BeamSearchSequence, best_beams, expand_beams,
 )
-from nanoengine.sampling_params import SamplingParams
+from nanoengine.sampling_params import RequestOutputKind, SamplingParams
 
 Conversation = list[dict]
 
@@ -43,6 +44,11 @@ class LLM:
     directory or a ``.gguf`` file. ``dtype="auto"`` is bfloat16 where the hardware computes
     it natively, float32 elsewhere. ``fast_path`` (on by default) runs lesson 15's fast
     kernels; ``fast_path=False`` runs the reference path, which the tests compare it with.
+    ``enforce_eager=True`` (as in vLLM) runs a decode step module by module instead of as
+    lesson 17's one fused call; float32 greedy tokens are the same either way.
+    ``batch_invariant=True`` (as in vLLM): a request's greedy tokens do not depend on the rest
+    of the batch, on chunking or on prefix-cache hits (CPU, float32 or bfloat16; slower;
+    no LoRA): see ``nanoengine.model.batch_invariant``.
     ``speculative_config`` (lesson 10), as vLLM spells it: ``{"method": "ngram" |
     "draft_model", "num_speculative_tokens": k, ...}`` (see :class:`SpeculativeConfig`).
     ``tensor_parallel_size`` / ``pipeline_parallel_size`` (lesson 12) spread the model over
@@ -73,6 +79,8 @@ class LLM:
         device: str = "auto",
         trace: bool = False,
         fast_path: bool = True,
+        enforce_eager: bool = False,
+        batch_invariant: bool = False,
         speculative_config: dict | None = None,
         quantization: str | None = None,
         tensor_parallel_size: int = 1,
@@ -88,7 +96,7 @@ class LLM:
             raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
         self.model_config = ModelConfig(
             model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, device=device, fast_path=fast_path,
-            quantization=quantization,
+            enforce_eager=enforce_eager, batch_invariant=batch_invariant, quantization=quantization,
         )
         cache = CacheConfig(block_size, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching)
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
@@ -100,6 +108,9 @@ class LLM:
         lora = LoRAConfig(max_loras, max_lora_rank) if enable_lora else None
         if lora is not None and (parallel.world_size > 1 or speculative is not None):
             raise ValueError("enable_lora does not run with tensor/pipeline parallelism or speculative decoding yet")
+        if lora is not None and batch_invariant:
+            raise ValueError("enable_lora does not run with batch_invariant=True: an adapter's matmuls gather a "
+                             "varying number of rows")
         if parallel.world_size > 1 and speculative is not None:
             raise ValueError("speculative decoding does not run with tensor or pipeline parallelism yet")
         pooler = PoolerConfig.from_value(pooler_config)
@@ -182,6 +193,11 @@ class LLM:
         params = params_per_prompt(sampling_params, len(parsed))
         for p in params:
             check_params_for_model(p, self.loaded.hf_config.vocab_size)
+            if p.output_kind == RequestOutputKind.DELTA:
+                raise ValueError("output_kind DELTA is for stepping an engine or streaming; LLM.generate returns "
+                                 "each request whole")
+        # only the finished outputs are kept, so the engine need not snapshot the others every step
+        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         loras = loras_per_prompt(lora_request, len(parsed))
         engine = self._generation_engine()
         for lora in loras:

@@ -7,6 +7,13 @@ from collections.abc import Sequence
 import torch
 
 NEAR_TIE = 1e-4
+# The prompts the bundled SmolLM2 is checked on, against transformers and between its paths.
+SMOLLM2_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
 
 
 @torch.inference_mode()

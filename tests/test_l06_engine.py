@@ -15,19 +15,13 @@ from nanoengine.model import resolve_model_path
 from nanoengine.sampling_params import SamplingParams
 from tests.conftest import ZOO_NAMES
 from tests.engines import alone, drive, make_engine
-from tests.oracles import assert_same_greedy, hf_greedy
+from tests.oracles import SMOLLM2_PROMPTS, assert_same_greedy, hf_greedy
 
 # The whole engine runs both tasks of the lesson (the scheduler's first), so these count for
 # the lesson; test_l06_scheduler.py and test_l06_model_runner.py test each task alone.
 pytestmark = pytest.mark.l06
 
 NAME = "llama-gqa"
-SMOLLM2_PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "The three primary colors are",
-]
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)

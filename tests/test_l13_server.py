@@ -573,7 +573,9 @@ def smollm2(tmp_path_factory):
     request twice and compare the answers; the second one hits the prefix cache, so it is
     prefilled as a cached prefix and a short suffix. In bfloat16 on a CPU with AMX, oneDNN's
     matmuls round differently with the number of rows, and the two answers drifted apart
-    after ~60 characters (docs/benchmarks.md, "what holds without batch invariance")."""
+    after ~60 characters (docs/benchmarks.md, "what holds without batch invariance").
+    ``--batch-invariant`` would hold bf16 to the same answer, but it runs lesson 15's kernels,
+    which a copy solved through lesson 13 does not have yet (tests/test_batch_invariance.py)."""
     arguments = ["--max-model-len", "512", "--kv-cache-memory", "32MiB", "--no-fast-path", "--dtype", "float32"]
     with serving(arguments, tmp_path_factory.mktemp("smollm2") / "server.log") as base:
         with openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:

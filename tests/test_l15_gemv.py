@@ -23,6 +23,7 @@ from nanoengine.model.layers.linear import DECODE_MAX_ROWS, ColumnLinear, Unquan
 from nanoengine.quant.gguf import GroupedInt8Weight
 from nanoengine.quant.int4_kernel import Int4Weight, dequantize_int4
 from nanoengine.quant.int8 import quantize_int8
+from tests.oracles import SMOLLM2_PROMPTS
 
 pytestmark = pytest.mark.l15
 
@@ -102,23 +103,47 @@ def test_use_gemv_wraps_every_linear_layer_and_the_head(zoo_paths):
     assert all(isinstance(m.linear_method, GemvLinearMethod) for m in model.modules() if hasattr(m, "linear_method"))
 
 
+def _count_fused_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time a decode step runs as one fused call."""
+    fused_steps: list[int] = []
+    original = FusedDecode.__call__
+    monkeypatch.setattr(FusedDecode, "__call__", lambda self, *a: fused_steps.append(1) or original(self, *a))
+    return fused_steps
+
+
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_an_engine_on_the_kernel_generates_what_the_reference_generates(zoo_paths, quantization, monkeypatch):
     """Greedy, float32, several requests of different lengths, so decode steps have 1 to 3
-    rows and run fused; bfloat16 is held to the float32 reference by test_l15_fast_path's
-    near-tie rule (the fused path keeps activations in float32, the reference rounds them)."""
-    fused_steps = []
-    original = FusedDecode.__call__
-    monkeypatch.setattr(FusedDecode, "__call__", lambda self, *a: fused_steps.append(1) or original(self, *a))
+    rows and run fused; the same module by module (``enforce_eager``) and on the reference
+    path. bfloat16 is held to the float32 reference by test_l15_fast_path's near-tie rule
+    (the fused path keeps activations in float32, the module path rounds them)."""
+    fused_steps = _count_fused_steps(monkeypatch)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 11, 17)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outputs, fused_counts = {}, {}
+    for fast_path, enforce_eager in ((False, False), (True, True), (True, False)):
+        llm = LLM(str(zoo_paths["llama-gqa"]), dtype="float32", fast_path=fast_path, enforce_eager=enforce_eager,
+                  quantization=quantization, kv_cache_memory_bytes=2**22)
+        before = len(fused_steps)
+        outputs[fast_path, enforce_eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        fused_counts[fast_path, enforce_eager] = len(fused_steps) - before
+    assert outputs[True, False] == outputs[True, True] == outputs[False, False]
+    assert fused_counts[False, False] == fused_counts[True, True] == 0
+    assert fused_counts[True, False] >= 11  # every decode step after the prefill ran as one fused call
+
+
+@pytest.mark.slow
+def test_smollm2_fused_gives_the_tokens_of_enforce_eager(monkeypatch):
+    """The bundled model in float32: the fused decode step and the module-by-module step
+    choose the same 4 × 32 greedy tokens."""
+    fused_steps = _count_fused_steps(monkeypatch)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     outputs = {}
-    for fast_path in (False, True):
-        llm = LLM(str(zoo_paths["llama-gqa"]), dtype="float32", fast_path=fast_path, quantization=quantization,
-                  kv_cache_memory_bytes=2**22)
-        outputs[fast_path] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert outputs[True] == outputs[False]
-    assert len(fused_steps) >= 11  # every decode step after the prefill ran as one fused call
+    for enforce_eager in (True, False):
+        llm = LLM(dtype="float32", enforce_eager=enforce_eager, max_model_len=512, kv_cache_memory_bytes=2**25)
+        outputs[enforce_eager] = [o.outputs[0].token_ids for o in llm.generate(SMOLLM2_PROMPTS, params, use_tqdm=False)]
+    assert outputs[False] == outputs[True]
+    assert len(fused_steps) >= 31
 
 
 @pytest.mark.parametrize("mins", [True, False])

@@ -109,6 +109,38 @@ def warm_up(dtype: torch.dtype) -> None:
     decode_attention(torch.zeros(1, 1, 4), cache, cache, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([2]), 0.5)
 
 
+def batch_invariant_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The reference's signature and result, every query row through the decode kernel as a
+    sequence of its own that ends at the row's position: row ``t`` of sequence ``i`` sees keys
+    ``0 .. position(t)`` through ``i``'s block table.
+
+    The attention half of batch-invariant mode (``nanoengine.model.batch_invariant``): a row's
+    output is one computation over its own query and keys in an order fixed by its position,
+    the same whatever else is in the step, however its prompt was chunked, and whether its keys
+    were written in this step, in an earlier chunk or by another request (a prefix-cache hit).
+    :func:`paged_attention` gives a prefill chunk to the reference's matmuls instead, whose
+    rounding depends on the chunk's length. The price is prefill's: each row reads its keys
+    itself, where a chunk's matmul reads them once for all of its rows.
+    """
+    if k_cache.dtype not in _CACHE_DTYPES:  # the PyTorch fallback would not be invariant
+        raise TypeError(f"batch-invariant attention reads {', '.join(map(str, _CACHE_DTYPES))} caches, "
+                        f"not {k_cache.dtype}")
+    if q.shape[0] == metadata.num_seqs:  # one query per sequence: the rows are the sequences
+        tables, row_lens = metadata.block_tables, torch.tensor(metadata.seq_lens)
+    else:
+        starts = metadata.query_start_loc
+        rows_of = torch.tensor([b - a for a, b in zip(starts, starts[1:])])
+        # the keys a row sees: seq_len - (end - row) + 1, with end its sequence's first row after it
+        seq_lens, ends = (torch.tensor(v).repeat_interleave(rows_of) for v in (metadata.seq_lens, starts[1:]))
+        row_lens = seq_lens - ends + torch.arange(q.shape[0]) + 1
+        tables = metadata.block_tables[torch.arange(metadata.num_seqs).repeat_interleave(rows_of)]
+    # Contiguous always: q is a view into the fused q/k/v output, which numpy calls contiguous
+    # only when it has one row, and numba compiles (and vectorizes) each layout differently.
+    return decode_attention(q.contiguous(), k_cache, v_cache, tables, row_lens, scale)
+
+
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
 ) -> torch.Tensor:

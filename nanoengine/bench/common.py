@@ -30,6 +30,8 @@ _ENGINE_FLAGS = {
     "enable_chunked_prefill": "enable_chunked_prefill",
     "enable_prefix_caching": "enable_prefix_caching",
     "fast_path": "fast_path",
+    "enforce_eager": "enforce_eager",
+    "batch_invariant": "batch_invariant",
     "speculative_config": "speculative_config",
     "quantization": "quantization",
     "tensor_parallel_size": "tensor_parallel_size",
@@ -52,12 +54,6 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-path", type=Path, default=None,
                    help='JSONL of {"prompt": text} or {"prompt_token_ids": [...]}, optional "output_len"; '
                         "replaces the random prompts (the same ones in every iteration)")
-
-
-def add_fast_path_arg(p: argparse.ArgumentParser) -> None:
-    """``--fast-path`` (default) / ``--no-fast-path``: lesson 15's kernels or the reference path."""
-    p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
-                   help="lesson 15's fast kernels (--no-fast-path: the reference path)")
 
 
 def add_profile_arg(p: argparse.ArgumentParser) -> None:

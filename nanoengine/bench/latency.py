@@ -28,19 +28,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nanoengine.bench.common import (
-    add_fast_path_arg, add_profile_arg, add_quantization_arg, add_speculative_arg, engine_kwargs, write_result,
+    add_profile_arg, add_quantization_arg, add_speculative_arg, engine_kwargs, write_result,
 )
 from nanoengine.bench.datasets import load_jsonl_dataset, random_token_prompts
 from nanoengine.bench.profile import BenchProfiler
 from nanoengine.bench.stats import format_summary, percentiles, summary
-from nanoengine.config import ModelConfig
+from nanoengine.config import ModelConfig, add_fast_path_arg
 from nanoengine.engine.inputs import Prompt
 from nanoengine.engine.naive import NaiveEngine
 from nanoengine.model import load_model
 from nanoengine.model.loader import LoadedModel
 from nanoengine.parallel.launch import add_parallel_arguments
 from nanoengine.platform import dtype_name
-from nanoengine.sampling_params import SamplingParams
+from nanoengine.sampling_params import RequestOutputKind, SamplingParams
 
 # engine name -> the NaiveEngine KV cache it runs on (the lessons' engines, in course order)
 ENGINES = {"recompute": "none", "contiguous": "contiguous", "paged": "paged"}
@@ -120,11 +120,12 @@ def _one_run(engine, prompts: list[list[int]], output_len: int, tag: str,
     until all are done, timing each step's outputs and counting the tokens each step added
     (several per request with speculative decoding). ``step_range``: entered around each step
     (``--profile``'s range)."""
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False,
+                            output_kind=RequestOutputKind.DELTA)
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", Prompt(None, prompt), params)
-    first, finished, steps, have = {}, {}, [], {}
+    first, finished, steps = {}, {}, []
     while engine.has_unfinished_requests():
         with step_range():
             outputs = engine.step()
@@ -132,9 +133,7 @@ def _one_run(engine, prompts: list[list[int]], output_len: int, tag: str,
         gained = 0
         for out in outputs:
             first.setdefault(out.request_id, now)
-            count = len(out.outputs[0].token_ids)
-            gained += count - have.get(out.request_id, 0)
-            have[out.request_id] = count
+            gained += len(out.outputs[0].token_ids)
             if out.finished:
                 finished[out.request_id] = now
         if outputs:

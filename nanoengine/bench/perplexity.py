@@ -16,7 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nanoengine.bench.common import add_fast_path_arg, add_quantization_arg, engine_kwargs, write_result
+from nanoengine.bench.common import add_quantization_arg, engine_kwargs, write_result
+from nanoengine.config import add_fast_path_arg
 from nanoengine.platform import dtype_name
 from nanoengine.sampling_params import SamplingParams
 

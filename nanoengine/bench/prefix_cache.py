@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from nanoengine.bench.common import add_fast_path_arg, engine_kwargs, write_result
+from nanoengine.bench.common import engine_kwargs, write_result
 from nanoengine.bench.datasets import random_token_prompts
 from nanoengine.bench.stats import format_summary, summary
+from nanoengine.config import add_fast_path_arg
 from nanoengine.platform import dtype_name
 from nanoengine.sampling_params import SamplingParams
 

@@ -13,8 +13,8 @@ time that no categorized op accounts for: Python, the scheduler, output handling
 
 Limits: names decide, so a plain-PyTorch attention's ``softmax`` counts as sampling and its
 ``bmm`` as matmul (the fast path's numba kernels are named by ``nanoengine.profiling.profiled``:
-``nanoengine.attention``, ``nanoengine.gemv``, ``nanoengine.fused_decode``; a kernel called
-with no such range is Python/other); the profiler's own bookkeeping inflates every figure a little; only this
+``nanoengine.attention``, ``nanoengine.gemv``, ``nanoengine.fused_decode``, lesson 17's
+``nanoengine.rms_norm``; a kernel called with no such range is Python/other); the profiler's own bookkeeping inflates every figure a little; only this
 process is seen (tensor/pipeline-parallel ranks in other processes are not).
 """
 
@@ -40,7 +40,7 @@ CATEGORY_RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("attention", (), ("attention", "sdpa")),
     ("kv write", ("aten::index_copy_", "aten::index_put_"), ("write_kv", "kv_write")),
     ("sampling", (), ("sample", "softmax", "argmax", "topk", "multinomial", "sort")),
-    ("elementwise", (), ("aten::",)),
+    ("elementwise", (), ("aten::", "rms_norm")),
 )
 """Why each category: **fused** is lesson 15's whole decoder stack in one compiled
 call (its matmuls, attention and small operations together: it exists to remove the
@@ -161,3 +161,26 @@ class BenchProfiler:
         return {"trace": str(self.trace_path), "wall_ms": self.wall_s * 1e3, "steps": steps,
                 "categories": [dataclasses.asdict(r) for r in rows]}
 
+
+def profile_decode_steps(engine: Any, prompts: list[list[int]], steps: int, trace_path: Path) -> dict[str, Any]:
+    """Where ``steps`` decode steps of ``engine`` (an ``LLMEngine``) go, by category (lesson 17's
+    waterfall): :meth:`BenchProfiler.report` of those steps alone, the batch being ``prompts``.
+    The prompts are prefilled in one step, and one decode step is taken, before the profiler
+    starts, so neither the prefill nor a kernel's first compilation is in the table; every
+    request then decodes through all ``steps`` and finishes with the last."""
+    from nanoengine.engine.inputs import Prompt  # the engine: loaded only when profiling
+    from nanoengine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True, detokenize=False)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"profile-{i}", Prompt(None, prompt), params)
+    if len(engine.step()) < len(prompts):
+        raise ValueError("the prompts must prefill in one step: fewer or shorter prompts, or a larger "
+                         "max_num_batched_tokens")
+    engine.step()
+    profiler = BenchProfiler(trace_path)
+    with profiler:
+        for _ in range(steps):
+            with profiler.step_range():
+                engine.step()
+    return profiler.report(steps)

@@ -34,12 +34,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nanoengine.bench.common import (
-    add_fast_path_arg, add_lora_args, add_profile_arg, add_quantization_arg, add_workload_args, benchmark_loras,
+    add_lora_args, add_profile_arg, add_quantization_arg, add_workload_args, benchmark_loras,
     describe_workload, engine_kwargs, workload, workload_record, write_result,
 )
 from nanoengine.bench.hf_backend import hf_generate, load_hf_model
 from nanoengine.bench.profile import BenchProfiler
 from nanoengine.bench.stats import format_summary, summary
+from nanoengine.config import add_fast_path_arg
 from nanoengine.model.loader import resolve_model_path
 from nanoengine.outputs import RequestOutput
 from nanoengine.parallel.launch import add_parallel_arguments

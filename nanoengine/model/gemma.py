@@ -151,9 +151,13 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps, dtype)
         self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps, dtype)
 
-    def forward(self, rope: dict[str, RopeTables], hidden: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+    def forward(
+        self, rope: dict[str, RopeTables], hidden: torch.Tensor, attn: AttentionContext, residual: None = None
+    ) -> tuple[torch.Tensor, None]:
+        """``LlamaDecoderLayer``'s signature; Gemma norms each sublayer's output before the add,
+        so the stream goes whole from layer to layer (``residual`` is always None)."""
         hidden = hidden + self.post_attention_layernorm(self.self_attn(rope, self.input_layernorm(hidden), attn))
-        return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
+        return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden))), None
 
 
 class Gemma3Model(LlamaModel):

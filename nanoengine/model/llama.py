@@ -130,7 +130,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """``h = x + attn(norm(x)); out = h + mlp(norm(h))``.
+    """``h = x + attn(norm(x)); out = h + mlp(norm(h))``, with each residual add done by the
+    norm after it (lesson 17): the layer takes the previous layer's MLP output and the residual
+    stream apart, ``(x, residual)``, and returns the same pair, so the add that ends one layer
+    fuses into the next layer's first norm (vLLM's layers carry the residual the same way).
+    The first layer gets ``residual=None``: its input is the stream.
 
     ``layer_idx`` names the checkpoint's layer; ``cache_idx`` is its place in this rank's KV
     cache (the same, unless a pipeline stage holds a later range of layers).
@@ -158,9 +162,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = (build_mlp or dense_mlp)(config, layer_idx, dtype, quant_config, f"{prefix}.mlp")
 
-    def forward(self, rope: RopeTables, hidden: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
-        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), attn)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(
+        self, rope: RopeTables, hidden: torch.Tensor, attn: AttentionContext, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_norm(hidden, residual)
+        hidden = self.self_attn(rope, hidden, attn)
+        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 def dense_mlp(
@@ -260,15 +271,16 @@ class LlamaModel(nn.Module):
         if fused is not None and inputs_embeds is None and num_layers is None and fused.runs(attn, hidden.shape[0]):
             return fused(hidden, positions, attn)
         rope = self.rotary.lookup(positions, hidden.dtype)
+        residual = None
         for layer in self.local_layers[:num_layers]:
-            hidden = layer(rope, hidden, attn)
+            hidden, residual = layer(rope, hidden, attn, residual)
         if self.pp.size == 1:
-            return self.norm(hidden)
-        return self._pass_on(hidden)
+            return self.norm(hidden) if residual is None else self.norm.add_norm(hidden, residual)[0]
+        return self._pass_on(hidden if residual is None else hidden + residual)
 
     def _pass_on(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The pipeline's hand-offs: on to the next stage, and the last stage's normed output
-        back to the first."""
+        """The pipeline's hand-offs of the whole stream: on to the next stage, and the last
+        stage's normed output back to the first."""
         if self.pp.is_last:
             hidden = self.norm(hidden)
         self.pp.send(hidden, (self.pp.rank + 1) % self.pp.size)

@@ -42,11 +42,14 @@ class LoadedModel:
     ``max_model_len`` is the longest sequence (prompt + output) the engine will accept;
     ``eos_token_ids`` are every token that ends generation unless ``ignore_eos``;
     ``fast_path``: the model was prepared for lesson 15's fast path, and the engine should
-    pick its fast kernels too; ``quantization``: the lesson-11 method its linear layers run
-    (None: plain weights in ``dtype``); ``layout``: the rank it was built for (lesson 12):
+    pick its fast kernels too (``enforce_eager``: without the fused decode step);
+    ``quantization``: the lesson-11 method its linear layers run (None: plain weights in
+    ``dtype``); ``layout``: the rank it was built for (lesson 12):
     ``model`` then holds that rank's share of the weights only. ``hf_config`` is the language
     model's config (a multimodal model's ``text_config``: what the KV cache and the vocabulary
     checks need); ``processor``: a multimodal model's input processor (lesson 16), else None.
+    ``batch_invariant``: every matmul was put on the per-row kernel (batch-invariant mode), and
+    the engine should attend every row with the decode kernel.
     """
 
     model: torch.nn.Module
@@ -58,6 +61,8 @@ class LoadedModel:
     max_model_len: int
     eos_token_ids: frozenset[int]
     fast_path: bool = False
+    enforce_eager: bool = False
+    batch_invariant: bool = False
     quantization: str | None = None
     layout: RankLayout = SINGLE
     processor: object | None = None
@@ -126,20 +131,26 @@ def load_model(config: ModelConfig, layout: RankLayout = SINGLE) -> LoadedModel:
         process_weights_after_loading(model)
     model.eval()
     packed = 0
-    if config.fast_path and onednn_packing_available(dtype, device):
+    if config.fast_path and not config.batch_invariant and onednn_packing_available(dtype, device):
         try:
             packed = pack_linear_weights(model)
         except NotImplementedError as todo:  # a student copy before lesson 15: plain F.linear
             logger.warning("prepacking the weights is not written yet (%s); the layers run unpacked", todo)
     gemv, fused = 0, False
-    if config.fast_path and device.type == "cpu":
+    if config.batch_invariant:  # every matmul on the per-row kernel; nothing packed or fused
+        from nanoengine.model.batch_invariant import use_batch_invariant_kernels
+
+        gemv = use_batch_invariant_kernels(model, dtype, device)
+    elif config.fast_path and device.type == "cpu":
         keep_freed_memory_for_reuse()
         # numba: imported only when used
         from nanoengine.model.fused_decode import use_fused_decode
         from nanoengine.model.layers.cpu_gemv import use_gemv
+        from nanoengine.model.layers.fused_norm import use_fused_norms
 
         gemv = use_gemv(model)
-        fused = use_fused_decode(model)
+        use_fused_norms(model)
+        fused = not config.enforce_eager and use_fused_decode(model)
     processor = AutoProcessor.from_pretrained(path) if getattr(model, "image_token_id", None) is not None else None
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(path)
     fill_in_chat_format(tokenizer, hf_config)
@@ -153,6 +164,8 @@ def load_model(config: ModelConfig, layout: RankLayout = SINGLE) -> LoadedModel:
         max_model_len=max_model_len,
         eos_token_ids=_eos_token_ids(path, hf_config.get_text_config(), tokenizer),
         fast_path=config.fast_path,
+        enforce_eager=config.enforce_eager,
+        batch_invariant=config.batch_invariant,
         quantization=quant_config.name if quant_config is not None else None,
         layout=layout,
         processor=processor,
@@ -162,7 +175,8 @@ def load_model(config: ModelConfig, layout: RankLayout = SINGLE) -> LoadedModel:
         path.name, hf_config.architectures[0], dtype_name(dtype),
         f" with {loaded.quantization} weights" if loaded.quantization else "",
         device, time.perf_counter() - started, loaded.weight_bytes / 1e6, max_model_len,
-        f"; fast path: {packed} weights prepacked for oneDNN, {gemv} decode matmuls on the GEMV kernel"
+        f"; batch-invariant: {gemv} matmuls on the per-row kernel" if config.batch_invariant
+        else f"; fast path: {packed} weights prepacked for oneDNN, {gemv} decode matmuls on the GEMV kernel"
         f"{', decode steps fused' if fused else ''}"
         if config.fast_path else "",
     )

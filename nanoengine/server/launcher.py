@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nanoengine.config import DTYPES, TASKS, parse_size, speculative_config_flag
+from nanoengine.config import DTYPES, TASKS, add_fast_path_arg, parse_size, speculative_config_flag
 from nanoengine.lora.arguments import add_lora_arguments, lora_kwargs
 from nanoengine.parallel.launch import add_parallel_arguments, parallel_kwargs
 from nanoengine.quant.registry import quantization_methods
@@ -78,8 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="split long prompts across engine steps")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
-                   help="lesson 15's fast kernels (off: the reference path)")
+    add_fast_path_arg(p)
     p.add_argument("--quantization", "-q", choices=quantization_methods(), default=None,
                    help="quantized weights (lesson 11): int8/int4/fp8 on the fly, gguf runs a GGUF's own blocks; "
                         "gptq/awq checkpoints are detected")
@@ -104,7 +103,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed, block_size=args.block_size,
                   kv_cache_memory_bytes=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-                  enable_chunked_prefill=args.enable_chunked_prefill, fast_path=args.fast_path,
+                  enable_chunked_prefill=args.enable_chunked_prefill, fast_path=args.fast_path, enforce_eager=args.enforce_eager,
+                  batch_invariant=args.batch_invariant,
                   speculative_config=args.speculative_config, quantization=args.quantization, task=args.task,
                   **parallel_kwargs(args), **lora_kwargs(args))
     if args.gpu_memory_utilization is not None:

@@ -39,7 +39,7 @@ def load_draft(spec: SpeculativeConfig, target: LoadedModel) -> Draft | None:
     loaded = target
     if spec.model is not None:
         loaded = load_model(ModelConfig(model=spec.model, dtype=dtype_name(target.dtype), device=target.device.type,
-                                        fast_path=target.fast_path))
+                                        fast_path=target.fast_path, enforce_eager=target.enforce_eager))
         if (loaded.hf_config.vocab_size != target.hf_config.vocab_size
                 or loaded.tokenizer.get_vocab() != target.tokenizer.get_vocab()):
             raise ValueError(f"the draft model {spec.model!r} has another tokenizer than the target; "

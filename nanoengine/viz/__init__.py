@@ -36,6 +36,7 @@ from nanoengine.viz.request_life import RequestLife, request_lives
 from nanoengine.viz.sampling_effects import sampling_distributions, sampling_effects
 from nanoengine.viz.sliding_window import blocks_held, last_table, sliding_window_blocks, sliding_window_bound
 from nanoengine.viz.speculation import accepted_per_step, speculation_speedup
+from nanoengine.viz.step_profile import step_waterfall
 from nanoengine.viz.style import save_figure
 from nanoengine.viz.timeline import token_timeline
 
@@ -50,6 +51,6 @@ __all__ = [
     "prefix_tree", "prefix_tree_nodes", "progression_chart", "quantization_error_histogram", "quantization_tradeoff",
     "tradeoff_row", "LESSON11_FORMATS", "format_errors", "request_lives", "RequestLife", "sampling_distributions",
     "sampling_effects", "save_figure", "scheduler_gantt", "sliding_window_blocks", "sliding_window_bound",
-    "slot_states", "speculation_speedup", "step_adapters",
+    "slot_states", "speculation_speedup", "step_adapters", "step_waterfall",
     "tensor_parallel_sharding", "token_timeline", "trace_colors",
 ]

@@ -51,6 +51,7 @@ from nanoengine.viz import (  # noqa: E402
     scheduler_gantt,
     sliding_window_blocks,
     speculation_speedup,
+    step_waterfall,
     tensor_parallel_sharding,
     token_timeline,
     trace_colors,
@@ -83,6 +84,7 @@ GALLERY = [
     ("multi_lora_gantt.png", "14", "Eight requests over three adapters and the base model with two adapter slots: who runs, who waits for a slot."),
     ("progression.png", "15", "One workload through every engine of the course, lesson 01's loop to the fast path."),
     ("sliding_window_blocks.png", "16", "The blocks one growing request holds, full attention vs every layer sliding over 8 tokens: the window's blocks go back to the pool."),
+    ("step_waterfall.png", "17", "Where one decode step's time goes: the module path with the norms unfused and fused, and the fused decode step."),
 ]
 
 
@@ -110,6 +112,12 @@ def _embedding_error_histogram():
     tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
     rows = torch.from_numpy(gguf_file.dequantize(tensor, rows=4096))
     return quantization_error_histogram(rows, format_errors(rows), "SmolLM2's first 4096 embedding rows")
+
+
+def _step_subtitle(record: dict) -> str:
+    """Lesson 17's waterfall: what was profiled, where and when."""
+    return (f"one request, {record['input_len']}-token prompt, {record['steps']} decode steps profiled; {record['model']}, "
+            f"{record['dtype']}\nmeasured {record['date']} on {record['machine']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     sliding_runs, sliding_request = example_sliding_traces()
     written.append(save_figure(sliding_window_blocks(sliding_runs, sliding_request),
                                args.out / "sliding_window_blocks.png"))
+    step = _bench("l17_step_profile")
+    if step:
+        written.append(save_figure(step_waterfall([(r["label"], r["profile"]) for r in step["runs"]], _step_subtitle(step)),
+                                   args.out / "step_waterfall.png"))
     (args.out / "README.md").write_text(gallery_markdown())
     for path in written:
         print(path)

@@ -55,10 +55,12 @@ def local_kv_shape(loaded: LoadedModel) -> tuple[int, int, int]:
 
 def runner_for(loaded: LoadedModel, num_blocks: int, block_size: int, seed: int) -> ModelRunner:
     """A runner over ``loaded`` with a paged KV cache of ``num_blocks`` blocks on its device,
-    attending with the backend its device (and fast path) calls for."""
+    attending with the backend its device (and fast path, or batch-invariant mode) calls for;
+    batch-invariant mode takes no substitute for its kernel."""
     layers, kv_heads, head_dim = local_kv_shape(loaded)
     kv_cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, loaded.dtype, loaded.device)
-    backend = load_backend(default_backend(loaded.device, loaded.fast_path), loaded.dtype)
+    backend = load_backend(default_backend(loaded.device, loaded.fast_path, loaded.batch_invariant), loaded.dtype,
+                           fallback=None if loaded.batch_invariant else "torch_batched")
     return ModelRunner(loaded.model, kv_cache, backend, seed, samples=loaded.layout.pp.is_first)
 
 

@@ -1,0 +1,137 @@
+"""Lesson 17: RMSNorm fused with the residual add equals the two steps it replaces.
+
+- ``rms_norm_residual`` against the unfused PyTorch path (``RMSNorm.add_norm`` with no
+  kernel) on random shapes, scales and dtypes: the new residual bit for bit, the normed rows
+  within float32's or bf16's rounding, written in place where its contract says;
+- a tiny model's greedy tokens (the sequence recomputed at each step) are the same with the
+  norms fused and unfused;
+- the fast path's loader fuses the norms, the reference path does not, a student copy without
+  the kernel falls back, and the profile files the kernel under elementwise work.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nanoengine import LLM
+from nanoengine.attention.dense import NoCache
+from nanoengine.bench.profile import CATEGORIES, categorize, category_of
+from nanoengine.config import ModelConfig
+from nanoengine.model import load_model
+from nanoengine.model.layers import fused_norm
+from nanoengine.model.layers.fused_norm import rms_norm_residual, use_fused_norms
+from nanoengine.model.layers.norm import RMSNorm
+from nanoengine.viz import step_waterfall
+
+pytestmark = pytest.mark.l17
+
+# normed rows: float32 differs in the order of additions only; bf16 rounds once where the
+# unfused path rounds twice (before and after the weight)
+TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _norm(hidden: int, dtype: torch.dtype, eps: float, seed: int) -> RMSNorm:
+    norm = RMSNorm(hidden, eps, dtype)
+    norm.weight.data = torch.randn(hidden, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return norm
+
+
+@pytest.mark.l17_t1
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@given(
+    leading=st.lists(st.integers(1, 9), min_size=1, max_size=2),
+    hidden=st.integers(1, 200),
+    scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    eps=st.sampled_from([1e-6, 1e-5]),
+    seed=st.integers(0, 2**16),
+)
+def test_rms_norm_residual_equals_the_unfused_add_and_norm(dtype, leading, hidden, scale, eps, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x, residual = ((torch.randn(*leading, hidden, generator=generator) * scale).to(dtype) for _ in "xr")
+    norm = _norm(hidden, dtype, eps, seed)
+    expected_normed, expected_residual = norm.add_norm(x.clone(), residual.clone())
+    residual_before = residual.clone()
+    normed, new_residual = rms_norm_residual(x, residual, norm.weight, eps)
+    assert normed.dtype == new_residual.dtype == dtype and normed.shape == new_residual.shape == x.shape
+    assert torch.equal(new_residual, expected_residual), "the new residual must be x + residual, rounded once"
+    assert new_residual.data_ptr() == x.data_ptr(), "the sum is written over x"
+    assert torch.equal(residual, residual_before), "residual is only read"
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(normed.float(), expected_normed.float(), rtol=tol, atol=tol)
+
+
+def _greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> list[int]:
+    """Greedy tokens by recomputing the whole sequence each step (no cache, no engine: this
+    task's tests reach no other task's code)."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(num_tokens):
+            hidden = model(torch.tensor(ids), torch.arange(len(ids)), NoCache())
+            ids.append(int(model.compute_logits(hidden[-1:]).argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.l17_t1
+def test_a_tiny_models_greedy_tokens_are_the_same_with_the_norms_fused(zoo_paths):
+    model = load_model(ModelConfig(model=str(zoo_paths["llama-gqa"]), dtype="float32")).model
+    norms = [m for m in model.modules() if type(m) is RMSNorm]
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(3 + 9 * i)] for i in range(3)]
+    unfused = [_greedy(model, prompt, 8) for prompt in prompts]
+    for norm in norms:
+        norm.add_kernel = rms_norm_residual
+    assert [_greedy(model, prompt, 8) for prompt in prompts] == unfused
+
+
+def _eager_fast_engine(path: str) -> LLM:
+    """The fast path module by module (no fused decode step)."""
+    return LLM(path, dtype="float32", fast_path=True, enforce_eager=True, kv_cache_memory_bytes=1 << 22)
+
+
+def test_the_fast_path_fuses_the_norms_and_the_reference_path_does_not(zoo_paths):
+    path = str(zoo_paths["llama-gqa"])
+    fast = _eager_fast_engine(path).loaded.model
+    reference = LLM(path, dtype="float32", fast_path=False, kv_cache_memory_bytes=1 << 22).loaded.model
+    # per layer: input and post-attention norms; plus the final norm
+    assert sum(getattr(m, "add_kernel", None) is rms_norm_residual for m in fast.modules()) == 2 * 2 + 1
+    assert all(getattr(m, "add_kernel", None) is None for m in reference.modules())
+
+
+def test_a_copy_without_the_kernel_keeps_the_norms_unfused(monkeypatch, caplog, ours):
+    def unwritten(dtype: torch.dtype) -> None:
+        raise NotImplementedError("L17.T1: see the handout")
+
+    monkeypatch.setattr(fused_norm, "warm_up", unwritten)
+    engine_log = logging.getLogger("nanoengine")  # it does not propagate to caplog's root handler
+    engine_log.addHandler(caplog.handler)
+    try:
+        assert use_fused_norms(ours("llama-gqa").model) == 0
+    finally:
+        engine_log.removeHandler(caplog.handler)
+    assert "L17.T1" in caplog.text
+    assert all(getattr(m, "add_kernel", None) is None for m in ours("llama-gqa").model.modules())
+
+
+def test_the_profile_files_the_fused_norm_under_elementwise():
+    assert category_of("nanoengine.rms_norm") == "elementwise"
+
+
+def test_the_waterfall_draws_each_runs_categories_per_step():
+    def report(events: list[tuple[str, float]], wall_s: float) -> dict:
+        return {"categories": [{"category": r.category, "ms_per_step": r.ms_per_step}
+                               for r in categorize(events, wall_s, steps=2)]}
+
+    runs = [("module path", report([("aten::mm", 0.020), ("aten::add", 0.008)], 0.040)),
+            ("fused", report([("nanoengine.fused_decode", 0.016), ("nanoengine.gemv", 0.004)], 0.022))]
+    ax = step_waterfall(runs, "a test").axes[0]
+    bars = ax.patches  # category by category, each with one bar per run (the first run on top)
+    assert len(bars) == len(CATEGORIES) * len(runs)
+    for run, (_, rep) in enumerate(runs):
+        widths = [bars[i * len(runs) + run].get_width() for i in range(len(CATEGORIES))]
+        assert widths == pytest.approx([row["ms_per_step"] for row in rep["categories"]])
+    labels = {text.get_text() for text in ax.texts}
+    assert {"20.0 ms", "11.0 ms"} <= labels  # each bar's total, per step
