@@ -39,7 +39,7 @@ DIE = object()
 class ScriptedEngineCore(threading.Thread):
     """The engine process's end of the pipe (``run_engine_core``'s messages), played by a
     thread from a script: each step, every live request gets its next scripted output (new
-    tokens only, as ``only_new`` sends them). A request whose script is a string is refused
+    tokens only, as the engine sends ``DELTA`` outputs). A request whose script is a string is refused
     with that message; a script that reaches ``DIE`` closes the pipe, as a crashed engine
     process would. ``aborted`` records the aborts that came in."""
 
@@ -179,6 +179,16 @@ def test_abort_ends_the_stream_without_a_finished_output(scripted):
     seen = run_async(asyncio.wait_for(run(), TIMEOUT))
     assert len(seen) >= 2 and not any(seen)
     assert _eventually(lambda: "ab" in core.aborted) and engine.num_unfinished == 0
+
+
+@pytest.mark.parametrize("kind", [RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY])
+def test_an_output_kind_the_stream_does_not_offer_is_refused(scripted, kind):
+    """``generate`` yields the request so far at every step; asked for another kind, it says so
+    before anything reaches the engine."""
+    engine, core = scripted({})
+    with pytest.raises(ValueError, match=f"output_kind {kind.name} is not offered"):
+        _stream(engine, "k", SamplingParams(max_tokens=2, output_kind=kind))
+    assert engine.num_unfinished == 0 and core.aborted == []
 
 
 @pytest.mark.l13_t1

@@ -12,10 +12,11 @@ time the same way: a ``nanoengine.*`` range (a kernel of our own run from Python
 time that no categorized op accounts for: Python, the scheduler, output handling.
 
 Limits: names decide, so a plain-PyTorch attention's ``softmax`` counts as sampling and its
-``bmm`` as matmul (the fast path's numba kernels are named by ``nanoengine.profiling.profiled``:
-``nanoengine.attention``, ``nanoengine.gemv``, ``nanoengine.fused_decode``, lesson 17's
-``nanoengine.rms_norm``; a kernel called with no such range is Python/other); the profiler's own bookkeeping inflates every figure a little; only this
-process is seen (tensor/pipeline-parallel ranks in other processes are not).
+``bmm`` as matmul (the fast path's numba kernels are named by
+``nanoengine.profiling.profiled``: ``nanoengine.attention``, ``nanoengine.gemv``,
+``nanoengine.fused_decode``, lesson 17's ``nanoengine.rms_norm``; a kernel called with no
+such range is Python/other); the profiler's own bookkeeping inflates every figure a little;
+only this process is seen (tensor/pipeline-parallel ranks in other processes are not).
 """
 
 from __future__ import annotations

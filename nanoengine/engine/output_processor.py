@@ -110,35 +110,30 @@ class OutputProcessor:
 
     def completion(self) -> CompletionOutput:
         """The sequence so far (copies, so later tokens do not leak into it)."""
-        request = self.request
-        return CompletionOutput(
-            index=self.index,
-            text=self.text,
-            token_ids=list(request.output_token_ids),
-            cumulative_logprob=self.cumulative_logprob,
-            logprobs=None if self.logprobs is None else list(self.logprobs),
-            finish_reason=request.finish_reason,
-            stop_reason=request.stop_reason,
-        )
+        return self._since(0, 0, len(self.text))
 
     def delta(self) -> CompletionOutput:
         """What the sequence gained since the last call: new tokens and logprobs, new text
         (all of it once finished, else short of ``held_chars``); costs only what is new."""
+        text_length = len(self.text)
+        ready = text_length if self.request.status.finished else max(self.sent_chars, text_length - self.held_chars)
+        completion = self._since(self.sent_tokens, self.sent_chars, ready)
+        self.sent_tokens, self.sent_chars = len(self.request.output_token_ids), ready
+        return completion
+
+    def _since(self, first_token: int, first_char: int, last_char: int) -> CompletionOutput:
+        """Tokens and logprobs from ``first_token`` on, text ``[first_char, last_char)``, and
+        the sequence's current totals and finish state (new lists: nothing aliases its own)."""
         request = self.request
-        tokens = request.output_token_ids
-        text = self.text
-        ready = len(text) if request.status.finished else max(self.sent_chars, len(text) - self.held_chars)
-        completion = CompletionOutput(
+        return CompletionOutput(
             index=self.index,
-            text=text[self.sent_chars:ready],
-            token_ids=tokens[self.sent_tokens:],
+            text=self.text[first_char:last_char],
+            token_ids=request.output_token_ids[first_token:],
             cumulative_logprob=self.cumulative_logprob,
-            logprobs=None if self.logprobs is None else self.logprobs[self.sent_tokens:],
+            logprobs=None if self.logprobs is None else self.logprobs[first_token:],
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
         )
-        self.sent_tokens, self.sent_chars = len(tokens), ready
-        return completion
 
 
 class RequestState:

@@ -19,13 +19,14 @@ def step_waterfall(runs: list[tuple[str, dict]], subtitle: str) -> Figure:
     fig = Figure(figsize=(10.5, 1.2 + 0.75 * len(runs)))
     ax = fig.add_subplot(1, 1, 1)
     rows = list(range(len(runs)))[::-1]
+    lefts = [0.0] * len(runs)  # where each bar's next segment starts
     for category in CATEGORIES:
         widths = [max(ms.get(category, 0.0), 0.0) for ms in per_step]
-        lefts = [sum(max(ms.get(c, 0.0), 0.0) for c in CATEGORIES[:CATEGORIES.index(category)]) for ms in per_step]
         ax.barh(rows, widths, left=lefts, height=0.6, color=CATEGORY_COLORS[category], label=category)
         for row, left, width in zip(rows, lefts, widths):
             if width >= 0.06 * max(totals):
                 ax.text(left + width / 2, row, f"{width:.1f}", ha="center", va="center", fontsize=8.5, color="white")
+        lefts = [left + width for left, width in zip(lefts, widths)]
     for row, total in zip(rows, totals):
         ax.annotate(f"{total:.1f} ms", (total, row), xytext=(5, 0), textcoords="offset points", va="center",
                     fontsize=9.5)
