@@ -5,12 +5,17 @@
 - a row's result is bit-identical whatever rows come with it (the property the
   batch-invariant mode rests on);
 - ``GemvLinearMethod`` sends few rows to the kernel and more to the method it wraps;
-- GGUF's grouped int8 and 4-bit codes multiplied in place equal dequantizing them;
+- GGUF's grouped int8 and 4-bit codes multiplied in place equal dequantizing them, in the C
+  kernels (AVX2 and plain loops) and in numba's fallback, and a row's bits do not depend on
+  the rows beside it;
 - an engine whose decode matmuls run the kernel generates what the reference engine does.
 """
 
 from __future__ import annotations
 
+import shutil
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -20,6 +25,7 @@ from nanoengine import LLM, SamplingParams
 from nanoengine.model.fused_decode import FusedDecode
 from nanoengine.model.layers.cpu_gemv import TILE, GemvLinearMethod, matmul_rows, use_gemv
 from nanoengine.model.layers.linear import DECODE_MAX_ROWS, ColumnLinear, UnquantizedLinearMethod
+from nanoengine.quant import grouped_gemv, native
 from nanoengine.quant.gguf import GroupedInt8Weight
 from nanoengine.quant.int4_kernel import Int4Weight, dequantize_int4
 from nanoengine.quant.int8 import quantize_int8
@@ -111,7 +117,7 @@ def _count_fused_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return fused_steps
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_an_engine_on_the_kernel_generates_what_the_reference_generates(zoo_paths, quantization, monkeypatch):
     """Greedy, float32, several requests of different lengths, so decode steps have 1 to 3
     rows and run fused; the same module by module (``enforce_eager``) and on the reference
@@ -133,14 +139,16 @@ def test_an_engine_on_the_kernel_generates_what_the_reference_generates(zoo_path
 
 
 @pytest.mark.slow
-def test_smollm2_fused_gives_the_tokens_of_enforce_eager(monkeypatch):
-    """The bundled model in float32: the fused decode step and the module-by-module step
-    choose the same 4 × 32 greedy tokens."""
+@pytest.mark.parametrize("quantization", [None, "gguf"])
+def test_smollm2_fused_gives_the_tokens_of_enforce_eager(quantization, monkeypatch):
+    """The bundled model in float32, dequantized or on its own Q4_1 blocks (the C kernel):
+    the fused decode step and the module-by-module step choose the same 4 × 32 greedy tokens."""
     fused_steps = _count_fused_steps(monkeypatch)
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     outputs = {}
     for enforce_eager in (True, False):
-        llm = LLM(dtype="float32", enforce_eager=enforce_eager, max_model_len=512, kv_cache_memory_bytes=2**25)
+        llm = LLM(dtype="float32", enforce_eager=enforce_eager, quantization=quantization, max_model_len=512,
+                  kv_cache_memory_bytes=2**25)
         outputs[enforce_eager] = [o.outputs[0].token_ids for o in llm.generate(SMOLLM2_PROMPTS, params, use_tqdm=False)]
     assert outputs[False] == outputs[True]
     assert len(fused_steps) >= 31
@@ -177,3 +185,73 @@ def test_int4_codes_multiply_in_place_as_dequantized(rows, n, groups, seed):
     many = torch.randn(DECODE_MAX_ROWS + 1, k, generator=generator)  # the dequantize-once path
     torch.testing.assert_close(weight(many).double(), many.double() @ dequantize_int4(codes, scales, mins, 32).double().T,
                                rtol=1e-4, atol=1e-3)
+
+
+# The C kernels (where they build) and numba's fallback, which runs where no compiler is found.
+INT4_KERNELS = {"C": grouped_gemv.int4_kernel, "numba": grouped_gemv._int4_kernel}
+INT8_KERNELS = {"C": grouped_gemv.grouped_int8_kernel, "numba": grouped_gemv._int8_kernel}
+
+
+def test_the_c_kernels_build_where_a_compiler_is_and_are_the_ones_used():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: the numba kernels run")
+    assert native.library() is not None
+    assert grouped_gemv.int4_kernel is not grouped_gemv._int4_kernel
+    assert grouped_gemv.grouped_int8_kernel is not grouped_gemv._int8_kernel
+
+
+@pytest.mark.parametrize("kernel", INT4_KERNELS)
+@pytest.mark.parametrize("group_size", [8, 32, 64])  # 8: the C kernel's plain loop; 32, 64: AVX2
+@given(rows=st.integers(1, DECODE_MAX_ROWS + 1), n=st.integers(1, 2 * grouped_gemv.TILE + 3),
+       groups=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_int4_kernels_equal_dequantizing(kernel, group_size, rows, n, groups, seed):
+    generator = torch.Generator().manual_seed(seed)
+    k = group_size * groups
+    codes = torch.randint(0, 16, (n, k), generator=generator)
+    scales, mins = torch.rand(n, groups, generator=generator), torch.randn(n, groups, generator=generator)
+    nibbles = Int4Weight(codes, scales, mins, group_size, torch.float32).nibbles
+    x = torch.randn(rows, k, generator=generator)
+    out = np.empty((rows, n), np.float32)
+    INT4_KERNELS[kernel](x.numpy(), nibbles.numpy(), scales.numpy(), mins.numpy(), group_size, out)
+    expected = x.double() @ dequantize_int4(codes, scales, mins, group_size).double().T
+    torch.testing.assert_close(torch.from_numpy(out).double(), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+@pytest.mark.parametrize("group_size", [4, 16, 24, 32])  # 4: plain loop; 24: AVX2 with a tail of 8
+@given(rows=st.integers(1, DECODE_MAX_ROWS + 1), n=st.integers(1, 2 * grouped_gemv.TILE + 3),
+       groups=st.integers(1, 3), mins=st.booleans(), seed=st.integers(0, 2**16))
+def test_grouped_int8_kernels_equal_dequantizing(kernel, group_size, rows, n, groups, mins, seed):
+    generator = torch.Generator().manual_seed(seed)
+    k = group_size * groups
+    codes = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    scales = torch.rand(n, groups, generator=generator)
+    shift = torch.randn(n, groups, generator=generator) if mins else None
+    weight = GroupedInt8Weight(codes, scales, shift, group_size, torch.float32)
+    x = torch.randn(rows, k, generator=generator)
+    out = np.empty((rows, n), np.float32)
+    no_mins = np.empty((0, 0), np.float32)
+    INT8_KERNELS[kernel](x.numpy(), weight.codes.numpy(), weight.scales.numpy(),
+                         weight.mins.numpy() if mins else no_mins, out)
+    dense = codes.double().view(n, groups, group_size) * scales.double()[..., None]
+    if mins:
+        dense += shift.double()[..., None]
+    torch.testing.assert_close(torch.from_numpy(out).double(), x.double() @ dense.view(n, k).T, rtol=1e-4, atol=1e-3)
+
+
+def test_the_c_kernels_give_a_row_the_same_bits_alone_and_in_a_batch():
+    generator = torch.Generator().manual_seed(0)
+    n, k = 37, 128
+    codes, scales, mins = torch.randint(0, 16, (n, k), generator=generator), torch.rand(n, 4), torch.randn(n, 4)
+    nibbles = Int4Weight(codes, scales, mins, 32, torch.float32).nibbles.numpy()
+    grouped = GroupedInt8Weight(codes.to(torch.int8), scales, mins, 32, torch.float32)
+    x = torch.randn(9, k, generator=generator).numpy()
+    for run in (
+        lambda rows, out: grouped_gemv.int4_kernel(rows, nibbles, scales.numpy(), mins.numpy(), 32, out),
+        lambda rows, out: grouped_gemv.grouped_int8_kernel(rows, grouped.codes.numpy(), grouped.scales.numpy(),
+                                                           grouped.mins.numpy(), out),
+    ):
+        batch, alone = np.empty((9, n), np.float32), np.empty((1, n), np.float32)
+        run(x, batch)
+        run(x[4:5].copy(), alone)
+        assert np.array_equal(batch[4], alone[0])

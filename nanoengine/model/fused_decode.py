@@ -12,9 +12,11 @@ whole decoder stack runs inside one numba function per step, on the same kernels
     final RMSNorm
 
 Activations stay in float32 throughout, whatever the weights' dtype (bf16 and int8 weights
-are widened row by row inside the GEMV), so the result is at least as exact as the module
-path's. The layer weights are stacked into one tensor per kind (``[layers, out, in]``) at
-set-up, and every layer's parameter is re-pointed at its slice, so nothing is held twice.
+are widened inside the GEMV; 4-bit codes, from ``quantization="int4"`` or a GGUF file's 4-bit
+blocks, go to ``grouped_gemv``'s C kernel), so the result is at least as exact as the module
+path's. The layer weights are stacked into one tensor per kind (``[layers, out, in]``, or the
+nibbles ``[layers, out, in/2]``) at set-up, and every layer's tensors are re-pointed at their
+slices, so nothing is held twice.
 
 It runs only where its arithmetic is the model's: a dense Llama stack on one rank (no MoE, no
 q/k norm, no biases, no LoRA, no sliding window, no early exit or image embeddings), a step
@@ -35,9 +37,11 @@ from torch import nn
 
 from nanoengine.attention.numba_cpu import _decode_kernel, paged_attention as numba_attention
 from nanoengine.attention.torch_paged import PagedAttention
-from nanoengine.model.layers.cpu_gemv import _matmul_float32, _matmul_widened, kernel_array
+from nanoengine.model.layers.cpu_gemv import kernel_array, matmul_stored
 from nanoengine.model.layers.linear import DECODE_MAX_ROWS
 from nanoengine.profiling import profiled
+from nanoengine.quant.grouped_gemv import int4_kernel
+from nanoengine.quant.int4_kernel import Int4Weight
 
 
 def _matmul(x, w, scales, out):  # noqa: ANN001, ANN202
@@ -46,10 +50,12 @@ def _matmul(x, w, scales, out):  # noqa: ANN001, ANN202
 
 @overload(_matmul)
 def _matmul_impl(x, w, scales, out):  # noqa: ANN001, ANN202
-    """The GEMV for the weight's stored dtype (float32 read in place, others widened)."""
-    if w.dtype == types.float32:
-        return lambda x, w, scales, out: _matmul_float32(x, w, scales, out)
-    return lambda x, w, scales, out: _matmul_widened(x, w, scales, out)
+    """The GEMV for the weight's stored kind: 4-bit nibbles (``uint8 [N, K/2]``, with ``scales``
+    ``[2, N, groups]`` holding the scales then the mins), or float32, bf16 bits or int8 codes
+    (``scales [N]``)."""
+    if w.dtype == types.uint8:
+        return lambda x, w, scales, out: int4_kernel(x, w, scales[0], scales[1], x.shape[1] // scales.shape[2], out)
+    return lambda x, w, scales, out: matmul_stored(x, w, scales, out)
 
 
 def _store_row(src, dst):  # noqa: ANN001, ANN202
@@ -126,7 +132,7 @@ def _decode_stack(
     """Every decoder layer and the final norm on ``x [M, H]`` (float32, updated in place)."""
     rows, hidden = x.shape
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    inter = w_down.shape[2]
+    inter = w_gate_up.shape[1] // 2  # (shape[1]: output rows, whatever the weight's storage)
     block_size = k_pool.shape[2]
     normed = np.empty_like(x)
     qkv = np.empty((rows, q_size + 2 * kv_size), np.float32)
@@ -162,10 +168,32 @@ def _decode_stack(
     x[:] = normed
 
 
+def _int4_weight(linear: nn.Module) -> Int4Weight | None:
+    """The layer's weight when it is one 4-bit matrix held as nibbles (lesson 11's
+    ``Int4Weight`` off PyTorch's kernel: ``quantization="int4"``, or a GGUF file's 4-bit
+    blocks), the kind the fused step multiplies in place."""
+    weights = getattr(linear, "gguf_weights", None)
+    weight = weights[0] if weights is not None and len(weights) == 1 else getattr(linear, "int4", None)
+    if not isinstance(weight, Int4Weight) or weight.use_kernel:
+        return None
+    return weight
+
+
 def _stack_weights(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ``[layers, out, in]`` tensor of the layers' stored weights (int8 codes or float) and
-    one ``[layers, out]`` of float32 scales (ones for float weights). Each layer's own weight
-    becomes a view of its slice, so the model keeps one copy."""
+    """One ``[layers, ...]`` tensor of the layers' stored weights and one of their scales:
+    float weights ``[layers, out, in]`` with ones ``[layers, out]``; int8 codes with their
+    float32 scales ``[layers, out]``; 4-bit nibbles ``[layers, out, in/2]`` with scales and
+    mins ``[layers, 2, out, groups]``. Each layer's own tensors become views of their slices
+    (where the dtype allows), so the model keeps one copy."""
+    int4 = [_int4_weight(linear) for linear in linears]
+    if int4[0] is not None:
+        nibbles = torch.stack([w.nibbles for w in int4])
+        scales = torch.stack([torch.stack([w.scales.float(), w.mins.float()]) for w in int4])
+        for i, weight in enumerate(int4):
+            weight._buffers["nibbles"] = nibbles[i]
+            if weight.scales.dtype == torch.float32:
+                weight._buffers["scales"], weight._buffers["mins"] = scales[i, 0], scales[i, 1]
+        return nibbles, scales
     name = "qweight" if getattr(linears[0], "qweight", None) is not None else "weight"
     stacked = torch.stack([getattr(linear, name).detach() for linear in linears])
     for i, linear in enumerate(linears):
@@ -200,7 +228,8 @@ class FusedDecode:
         self.modules = self._modules_now()
         # weight and scales of q/k/v, o, gate/up and down, each [layers, out, in] and [layers, out]
         stacked = [_stack_weights(self.modules[kind::4]) for kind in range(4)]
-        self.weights = [kernel_array(t) for pair in stacked for t in pair]
+        # 4-bit nibbles are read as the bytes they are; other weights as the GEMV reads them
+        self.weights = [t.numpy() if t.dtype == torch.uint8 else kernel_array(t) for pair in stacked for t in pair]
         self.norms = [
             torch.stack([layer.input_layernorm.weight.float() for layer in layers]).numpy(),
             torch.stack([layer.post_attention_layernorm.weight.float() for layer in layers]).numpy(),
@@ -261,9 +290,13 @@ def fusable(model: nn.Module) -> bool:
         projections = (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
         if attn.qkv_proj.tp.size != 1 or any(p.bias is not None for p in projections):
             return False
-        if not all(isinstance(p.linear_method, GemvLinearMethod) for p in projections):
+        if not all(isinstance(p.linear_method, GemvLinearMethod) or _int4_weight(p) is not None for p in projections):
             return False
-    return True
+    # each kind of projection is stored alike in every layer (they are stacked into one tensor)
+    layers = inner.local_layers
+    kinds = [[(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)[kind]
+              for layer in layers] for kind in range(4)]
+    return all(len({_int4_weight(p) is None for p in kind}) == 1 for kind in kinds)
 
 
 def use_fused_decode(model: nn.Module) -> bool:

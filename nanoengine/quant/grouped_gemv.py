@@ -6,11 +6,14 @@ kernel for either (its int4 kernel takes half-precision activations only), so le
 layers dequantized a whole layer, or tiles of it, before every matmul: on an AMD EPYC (Zen 1,
 2 threads, float32) SmolLM2's native Q4_1 decoded 3.7 tokens/s.
 
-Here each weight row is dequantized into a float32 scratch row that stays in the core's L1
-(``code * scale + min``, group by group), and every activation row takes one dot product with
-it, so the float weight never exists whole. It is ~3x the old path, not yet at the bandwidth
-floor: unpacking the nibbles runs at ~2 G weights/s on the EPYC (numba does not vectorize the
-short per-group loops well; a sum per group instead of a scratch row measured the same).
+Here the codes are multiplied where they lie, so the float weight never exists whole. The
+4-bit codes go to a small C kernel (``int4_gemv.c``, built on first use by ``native``): numba
+does not vectorize nibble unpacking (its integer arithmetic widens to 64 bits, which AVX2
+cannot convert to floats in a vector) and ran at ~2 G weights/s on the EPYC; the C kernel's
+AVX2 loop takes ``scale * dot(codes, x) + min * sum(x)`` per group at ~7-8 G weights/s on the
+same 2 threads. Where no C compiler is found, the numba kernel below (each row dequantized
+into a float32 scratch row in L1, then a dot product per activation row) runs instead. The
+8-bit codes are numba's: converting int8 to float vectorizes.
 Each output is one fixed sequence of additions whatever the number of rows, as in
 ``cpu_gemv``. Tested against dequantizing and ``F.linear``.
 """
@@ -23,6 +26,7 @@ import torch
 from numba import prange
 
 from nanoengine.profiling import profiled
+from nanoengine.quant import native
 
 TILE = 16
 
@@ -73,6 +77,56 @@ def _int8_kernel(x, codes, scales, mins, out):  # noqa: ANN001, ANN202
                 out[m, n] = acc
 
 
+@numba.njit(fastmath=True, cache=True)
+def _group_sums(x, group_size):  # noqa: ANN001, ANN202
+    """``[rows, K / group_size]``: each row's sum over each group (the mins multiply it)."""
+    rows, k_size = x.shape
+    sums = np.zeros((rows, k_size // group_size), np.float32)
+    for m in range(rows):
+        for k in range(k_size):
+            sums[m, k // group_size] += x[m, k]
+    return sums
+
+
+def _native_int4_kernel(int4_rows):  # noqa: ANN001, ANN202
+    """``_int4_kernel``'s signature, each tile of outputs computed by the C kernel."""
+
+    @numba.njit(parallel=True)
+    def kernel(x, nibbles, scales, mins, group_size, out):  # noqa: ANN001, ANN202
+        rows, k_size = x.shape
+        n_size = scales.shape[0]
+        xsum = _group_sums(x, group_size)
+        for tile in prange((n_size + TILE - 1) // TILE):
+            int4_rows(x.ctypes.data, xsum.ctypes.data, rows, k_size, nibbles.ctypes.data, scales.ctypes.data,
+                      mins.ctypes.data, group_size, tile * TILE, min(n_size, tile * TILE + TILE), out.ctypes.data,
+                      n_size)
+
+    return kernel
+
+
+def _native_int8_kernel(int8_rows):  # noqa: ANN001, ANN202
+    """``_int8_kernel``'s signature, each tile of outputs computed by the C kernel."""
+
+    @numba.njit(parallel=True)
+    def kernel(x, codes, scales, mins, out):  # noqa: ANN001, ANN202
+        rows, k_size = x.shape
+        n_size, group_size = codes.shape[1], codes.shape[2]
+        xsum = _group_sums(x, group_size)
+        mins_pointer = mins.ctypes.data if mins.shape[0] > 0 else np.uintp(0)  # NULL: no mins
+        for tile in prange((n_size + TILE - 1) // TILE):
+            int8_rows(x.ctypes.data, xsum.ctypes.data, rows, k_size, codes.ctypes.data, scales.ctypes.data,
+                      mins_pointer, group_size, tile * TILE, min(n_size, tile * TILE + TILE), out.ctypes.data,
+                      n_size)
+
+    return kernel
+
+
+# The kernels every caller uses (the fused decode step too): C where it builds, else numba's.
+_library = native.library()
+int4_kernel = _native_int4_kernel(_library.int4_rows) if _library is not None else _int4_kernel
+grouped_int8_kernel = _native_int8_kernel(_library.int8_grouped_rows) if _library is not None else _int8_kernel
+
+
 def _float_rows(x: torch.Tensor) -> np.ndarray:
     return x.reshape(-1, x.shape[-1]).float().contiguous().numpy()
 
@@ -84,7 +138,7 @@ def int4_matmul(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mi
     flat = _float_rows(x)
     out = np.empty((flat.shape[0], nibbles.shape[0]), np.float32)
     with profiled("nanoengine.gemv"):
-        _int4_kernel(flat, nibbles.numpy(), scales.numpy(), mins.numpy(), group_size, out)
+        int4_kernel(flat, nibbles.numpy(), scales.contiguous().numpy(), mins.contiguous().numpy(), group_size, out)
     return torch.from_numpy(out).view(*x.shape[:-1], out.shape[1]).to(x.dtype)
 
 
@@ -96,5 +150,5 @@ def grouped_int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
     out = np.empty((flat.shape[0], codes.shape[1]), np.float32)
     no_mins = np.empty((0, 0), np.float32)
     with profiled("nanoengine.gemv"):
-        _int8_kernel(flat, codes.numpy(), scales.numpy(), no_mins if mins is None else mins.numpy(), out)
+        grouped_int8_kernel(flat, codes.numpy(), scales.numpy(), no_mins if mins is None else mins.numpy(), out)
     return torch.from_numpy(out).view(*x.shape[:-1], out.shape[1]).to(x.dtype)

@@ -106,6 +106,48 @@ def _matmul_widened(x, w, scales, out):  # noqa: ANN001, ANN202
                 out[m, n] = acc * scales[n]
 
 
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _matmul_int8_one_row(x, w, scales, out):  # noqa: ANN001, ANN202
+    """One activation row times int8 codes, each code converted as it is read: ~1.3x the
+    widened kernel at one row on the EPYC (no scratch row to write and read back); from two
+    rows on, widening once and reading the scratch row for each is faster."""
+    k_size = x.shape[1]
+    n_size = w.shape[0]
+    for tile_index in prange((n_size + TILE - 1) // TILE):
+        for n in range(tile_index * TILE, min(tile_index * TILE + TILE, n_size)):
+            acc = np.float32(0.0)
+            for k in range(k_size):
+                acc += np.float32(w[n, k]) * x[0, k]
+            out[0, n] = acc * scales[n]
+
+
+def matmul_stored(x, w, scales, out):  # noqa: ANN001, ANN202
+    """``out = (x @ wᵀ) * scales`` on a weight as stored (float32, bf16 bits or int8 codes):
+    the kernel for its dtype and row count. Callable from numba-compiled code only."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(matmul_stored)
+def _matmul_stored_impl(x, w, scales, out):  # noqa: ANN001, ANN202
+    if w.dtype == types.float32:
+        return lambda x, w, scales, out: _matmul_float32(x, w, scales, out)
+    if w.dtype == types.int8:
+
+        def int8(x, w, scales, out):  # noqa: ANN001, ANN202
+            if x.shape[0] == 1:
+                _matmul_int8_one_row(x, w, scales, out)
+            else:
+                _matmul_widened(x, w, scales, out)
+
+        return int8
+    return lambda x, w, scales, out: _matmul_widened(x, w, scales, out)
+
+
+@numba.njit(cache=True)
+def _matmul_any(x, w, scales, out):  # noqa: ANN001, ANN202
+    matmul_stored(x, w, scales, out)
+
+
 def matmul_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ weight[N, K]ᵀ`` (times ``scales [N]`` per output, for int8 codes), in
     float32 arithmetic, returned in ``x``'s dtype. ``weight``: float32, bfloat16 or int8."""
@@ -113,9 +155,8 @@ def matmul_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | No
     out = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.float32)
     if scales is None:
         scales = _ones(weight.shape[0])
-    kernel = _matmul_float32 if weight.dtype == torch.float32 else _matmul_widened
     with profiled("nanoengine.gemv"):
-        kernel(
+        _matmul_any(
             flat.numpy(), kernel_array(weight), scales.float().contiguous().numpy(),
             out.numpy(),
         )
