@@ -117,7 +117,7 @@ def _count_fused_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return fused_steps
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4", "w8a8"])
 def test_an_engine_on_the_kernel_generates_what_the_reference_generates(zoo_paths, quantization, monkeypatch):
     """Greedy, float32, several requests of different lengths, so decode steps have 1 to 3
     rows and run fused; the same module by module (``enforce_eager``) and on the reference

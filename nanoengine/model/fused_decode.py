@@ -42,6 +42,7 @@ from nanoengine.model.layers.linear import DECODE_MAX_ROWS
 from nanoengine.profiling import profiled
 from nanoengine.quant.grouped_gemv import int4_kernel
 from nanoengine.quant.int4_kernel import Int4Weight
+from nanoengine.quant.w8a8 import W8A8LinearMethod, w8a8_kernel
 
 
 def _matmul(x, w, scales, out):  # noqa: ANN001, ANN202
@@ -51,8 +52,10 @@ def _matmul(x, w, scales, out):  # noqa: ANN001, ANN202
 @overload(_matmul)
 def _matmul_impl(x, w, scales, out):  # noqa: ANN001, ANN202
     """The GEMV for the weight's stored kind: 4-bit nibbles (``uint8 [N, K/2]``, with ``scales``
-    ``[2, N, groups]`` holding the scales then the mins), or float32, bf16 bits or int8 codes
-    (``scales [N]``)."""
+    ``[2, N, groups]`` holding the scales then the mins); W8A8's int8 codes times int8
+    activations (``scales [1, N]``); or float32, bf16 bits or int8 codes (``scales [N]``)."""
+    if w.dtype == types.int8 and scales.ndim == 2:
+        return lambda x, w, scales, out: w8a8_kernel(x, w, scales[0], out)
     if w.dtype == types.uint8:
         return lambda x, w, scales, out: int4_kernel(x, w, scales[0], scales[1], x.shape[1] // scales.shape[2], out)
     return lambda x, w, scales, out: matmul_stored(x, w, scales, out)
@@ -182,7 +185,8 @@ def _int4_weight(linear: nn.Module) -> Int4Weight | None:
 def _stack_weights(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
     """One ``[layers, ...]`` tensor of the layers' stored weights and one of their scales:
     float weights ``[layers, out, in]`` with ones ``[layers, out]``; int8 codes with their
-    float32 scales ``[layers, out]``; 4-bit nibbles ``[layers, out, in/2]`` with scales and
+    float32 scales ``[layers, out]`` (``[layers, 1, out]`` for W8A8, whose activations are
+    quantized too); 4-bit nibbles ``[layers, out, in/2]`` with scales and
     mins ``[layers, 2, out, groups]``. Each layer's own tensors become views of their slices
     (where the dtype allows), so the model keeps one copy."""
     int4 = [_int4_weight(linear) for linear in linears]
@@ -203,6 +207,8 @@ def _stack_weights(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor
             linear._buffers["qweight"] = stacked[i]
     if name == "qweight":
         scales = torch.stack([linear.scales.float() for linear in linears])
+        if isinstance(linears[0].linear_method, W8A8LinearMethod):
+            scales = scales[:, None]
     else:
         scales = torch.ones(stacked.shape[:2], dtype=torch.float32)
     return stacked, scales
@@ -274,7 +280,6 @@ class FusedDecode:
 
 def fusable(model: nn.Module) -> bool:
     """A dense Llama-family stack on one rank, exactly the arithmetic :func:`_decode_stack` does."""
-    from nanoengine.model.layers.cpu_gemv import GemvLinearMethod
     from nanoengine.model.layers.rotary import RotaryEmbedding
     from nanoengine.model.llama import LlamaDecoderLayer, LlamaMLP, LlamaModel
 
@@ -290,13 +295,24 @@ def fusable(model: nn.Module) -> bool:
         projections = (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
         if attn.qkv_proj.tp.size != 1 or any(p.bias is not None for p in projections):
             return False
-        if not all(isinstance(p.linear_method, GemvLinearMethod) or _int4_weight(p) is not None for p in projections):
+        if not all(_storage(p) is not None for p in projections):
             return False
     # each kind of projection is stored alike in every layer (they are stacked into one tensor)
     layers = inner.local_layers
     kinds = [[(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)[kind]
               for layer in layers] for kind in range(4)]
-    return all(len({_int4_weight(p) is None for p in kind}) == 1 for kind in kinds)
+    return all(len({_storage(p) for p in kind}) == 1 for kind in kinds)
+
+
+def _storage(linear: nn.Module) -> str | None:
+    """How the fused step multiplies by this layer's weight, or None when it cannot."""
+    from nanoengine.model.layers.cpu_gemv import GemvLinearMethod
+
+    if isinstance(linear.linear_method, GemvLinearMethod):
+        return "gemv"
+    if isinstance(linear.linear_method, W8A8LinearMethod):
+        return "w8a8"
+    return "int4" if _int4_weight(linear) is not None else None
 
 
 def use_fused_decode(model: nn.Module) -> bool:

@@ -37,15 +37,21 @@ class Int8Config(QuantizationConfig):
         return Int8LinearMethod()
 
 
+def keep_int8_form(layer: nn.Module) -> None:
+    """Replace the layer's loaded float ``weight`` by int8 codes ``qweight`` and ``scales``
+    (in the weight's dtype)."""
+    codes, scales = quantize_int8(layer.weight.data)
+    dtype = layer.weight.dtype
+    del layer.weight
+    layer.register_buffer("qweight", codes, persistent=False)
+    layer.register_buffer("scales", scales.to(dtype), persistent=False)
+
+
 class Int8LinearMethod(FloatWeightMethod):
     """Loads the float weight as the plain method does, then keeps only its int8 form."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        codes, scales = quantize_int8(layer.weight.data)
-        dtype = layer.weight.dtype
-        del layer.weight
-        layer.register_buffer("qweight", codes, persistent=False)
-        layer.register_buffer("scales", scales.to(dtype), persistent=False)
+        keep_int8_form(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.device.type != "cpu":

@@ -1,8 +1,8 @@
 """Lesson 15: the kernels written in C, compiled on this machine the first time they are used.
 
-The decode kernels of GGUF's codes (``gguf_gemv.c``) need vector instructions that numba does
-not emit for nibble unpacking and short per-group loops, so they are C with AVX2 intrinsics
-(and plain loops where AVX2 is missing). It is compiled with the system's C compiler for the CPU it runs on
+The decode kernels of ``gemv_kernels.c`` need vector instructions that numba does not emit
+(nibble unpacking, short per-group loops, int8 x int8 dot products), so they are C with AVX2
+intrinsics (and plain loops where AVX2 is missing). It is compiled with the system's C compiler for the CPU it runs on
 (``-march=native``) into the cache folder, keyed by the source and the CPU's flags, so later
 starts load it in milliseconds; numba-compiled code calls it through ``ctypes``.
 
@@ -26,7 +26,7 @@ from nanoengine.model.tokenizer_cache import cache_root
 
 logger = init_logger()
 
-SOURCE = Path(__file__).with_name("gguf_gemv.c")
+SOURCE = Path(__file__).with_name("gemv_kernels.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
 
@@ -41,7 +41,7 @@ def _cpu_flags() -> str:
 def _build(compiler: str) -> Path:
     """The shared library for this source, compiler flags and CPU, built if not cached."""
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), _cpu_flags()]).encode()).hexdigest()[:20]
-    target = cache_root() / "native" / f"gguf_gemv-{key}.so"
+    target = cache_root() / "native" / f"gemv_kernels-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,7 @@ def _build(compiler: str) -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """``gguf_gemv.c`` built and loaded, its functions typed for ctypes (numba calls them as
+    """``gemv_kernels.c`` built and loaded, its functions typed for ctypes (numba calls them as
     such), or None when it cannot be built here (``NANOENGINE_NO_NATIVE=1`` also says None,
     to run the fallback)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -67,11 +67,14 @@ def library() -> ctypes.CDLL | None:
         loaded = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
-        logger.warning("the C kernels of GGUF codes could not be built (%s); using the numba kernels", detail)
+        logger.warning("the C decode kernels could not be built (%s); using the fallbacks", detail)
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     # (x, xsum, rows, k, codes, scales, mins, group_size, n_first, n_last, out, n_total)
     for function in (loaded.int4_rows, loaded.int8_grouped_rows):
         function.argtypes = [pointer, pointer, size, size, pointer, pointer, pointer, size, size, size, pointer, size]
         function.restype = None
+    # (x codes, x scales, rows, k, w codes, w scales, n_first, n_last, out, n_total)
+    loaded.int8_int8_rows.argtypes = [pointer, pointer, size, size, pointer, pointer, size, size, pointer, size]
+    loaded.int8_int8_rows.restype = None
     return loaded

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the config module imports this one; the methods import the 
 # by that method, "gguf" runs a GGUF file's own blocks)
 _METHODS = {
     "int8": ("int8", "Int8Config", "float"),
+    "w8a8": ("w8a8", "W8A8Config", "float"),
     "int4": ("int4", "Int4Config", "float"),
     "fp8": ("fp8", "Fp8Config", "float"),
     "gptq": ("gptq", "GPTQConfig", "checkpoint"),

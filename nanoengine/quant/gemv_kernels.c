@@ -1,8 +1,8 @@
-/* Lesson 15: GGUF's grouped codes times float32 activations, for a few rows (decode).
+/* Lesson 15: decode matmuls on quantized weights, for a few rows.
  *
  * numba does not vectorize nibble unpacking (its integer arithmetic widens to 64 bits, which
- * AVX2 cannot convert to float in a vector) nor the short per-group loops of grouped int8
- * codes, so these two kernels are C with AVX2 intrinsics (and plain loops where AVX2 is
+ * AVX2 cannot convert to float in a vector), the short per-group loops of grouped int8 codes,
+ * or int8 x int8 products summed in integers, so these kernels are C with AVX2 intrinsics (and plain loops where AVX2 is
  * missing), compiled on first use by nanoengine/quant/native.py and called from numba, which
  * splits the output rows between threads. Each call computes outputs n_first..n_last-1.
  * Each output is one fixed sequence of additions whatever the number of rows: batch invariant.
@@ -15,6 +15,9 @@
  *
  * int8_grouped_rows, GroupedInt8Weight's layout (group-major): codes [groups, N, group_size],
  * scales and mins [groups, N] (mins NULL for the symmetric types), w = code * scale (+ min).
+ *
+ * int8_int8_rows, W8A8 (nanoengine/quant/w8a8.py): int8 activations with a scale per row times
+ * int8 weights [N, k] with a scale per output row, the products summed exactly in int32.
  */
 #include <stdint.h>
 
@@ -128,6 +131,38 @@ void int8_grouped_rows(const float *x, const float *xsum, int64_t rows, int64_t 
                 total += dot * scales[g * n_total + n];
             }
             out[m * n_total + n] = total + shift;
+        }
+    }
+}
+
+/* xq [rows, k] int8 with xscale [rows]; w [N, k] int8 (codes in -127..127) with wscale [N];
+ * out [rows, n_total] = (xq . w) * xscale * wscale, the dot product exact in int32 (k < 2^17). */
+void int8_int8_rows(const int8_t *xq, const float *xscale, int64_t rows, int64_t k, const int8_t *w,
+                    const float *wscale, int64_t n_first, int64_t n_last, float *out, int64_t n_total) {
+    for (int64_t n = n_first; n < n_last; n++) {
+        const int8_t *wn = w + n * k;
+        for (int64_t m = 0; m < rows; m++) {
+            const int8_t *xm = xq + m * k;
+            int32_t dot = 0;
+            int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+            /* maddubs multiplies unsigned by signed bytes: |w| times x with w's sign, in pairs
+             * summed to int16 (at most 2 * 127 * 127, no saturation), then to int32 */
+            const __m256i ones = _mm256_set1_epi16(1);
+            __m256i acc = _mm256_setzero_si256();
+            for (; j + 32 <= k; j += 32) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(wn + j));
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xm + j));
+                __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+            }
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+            dot = _mm_cvtsi128_si32(s);
+#endif
+            for (; j < k; j++) dot += (int32_t)wn[j] * (int32_t)xm[j];
+            out[m * n_total + n] = (float)dot * (xscale[m] * wscale[n]);
         }
     }
 }
