@@ -48,3 +48,12 @@ def assert_same_greedy(hf_model: torch.nn.Module, prompt: Sequence[int], ours: S
             f"  transformers: {list(theirs[i:i + 8])}"
         )
     assert len(ours) == len(theirs), f"lengths differ: ours {len(ours)}, transformers {len(theirs)}"
+
+
+def torch_quantize_blocks(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations quantized to int8 per block of ``block_size`` inputs of a row (W8A8, W4A8):
+    codes ``[M, K]`` and scales ``[M, K / block_size]``."""
+    blocks = x.view(x.shape[0], -1, block_size)
+    absmax = blocks.abs().amax(dim=-1)
+    scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+    return torch.round(blocks / scales[..., None]).to(torch.int8).view(x.shape), scales

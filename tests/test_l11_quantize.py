@@ -222,7 +222,7 @@ def test_int8_weights_take_a_quarter_of_float32s_bytes(zoo_paths, ours):
 
 
 def test_unknown_method_fails_before_loading():
-    with pytest.raises(ValueError, match="quantization must be one of int8, int4, fp8, gptq, awq, gguf"):
+    with pytest.raises(ValueError, match="quantization must be one of int8, w8a8, int4, fp8, gptq, awq, gguf"):
         LLM("no-such-model", quantization="int3")
 
 

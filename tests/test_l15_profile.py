@@ -9,7 +9,9 @@ import re
 import pytest
 
 from nanoengine import cli
-from nanoengine.bench.profile import CATEGORIES, OTHER, STEP_RANGE, categorize, category_of, format_profile
+from nanoengine.bench.profile import (
+    CATEGORIES, DECODE_STEP_RANGE, OTHER, STEP_RANGE, categorize, category_of, decode_step_rows, format_profile,
+)
 
 pytestmark = pytest.mark.l15
 
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.l15
     ("nanoengine.sample", "sampling"), ("nanoengine.fused_decode", "fused"),
     ("aten::mul", "elementwise"), ("aten::silu", "elementwise"), ("aten::copy_", "elementwise"),
     ("aten::index", "elementwise"), ("aten::cat", "elementwise"),
-    (STEP_RANGE, None), ("c10d::allreduce_", None),  # left to Python/other
+    (STEP_RANGE, None), (DECODE_STEP_RANGE, None), ("c10d::allreduce_", None),  # left to Python/other
 ])
 def test_each_name_falls_in_its_category(name, category):
     assert category_of(name) == category
@@ -71,6 +73,29 @@ def test_nested_profiler_events_are_counted_once():
     assert all(ms[c] > 0 for c in ("matmul", "attention", "sampling", "elementwise"))
 
 
+class _Event:
+    """A profiler event as ``decode_step_rows`` reads one: name, start and end (µs), self time (µs)."""
+
+    def __init__(self, name: str, start: float, end: float, self_us: float) -> None:
+        self.name, self.self_cpu_time_total = name, self_us
+        self.time_range = type("Range", (), {"start": start, "end": end})()
+
+
+def test_the_decode_steps_table_counts_only_what_ran_inside_decode_steps():
+    events = [
+        _Event(STEP_RANGE, 0, 1000, 100), _Event("aten::mm", 10, 900, 800),  # the prefill step: left out
+        _Event(DECODE_STEP_RANGE, 1000, 1100, 30), _Event("nanoengine.fused_decode", 1010, 1080, 70),
+        _Event("aten::mm", 1100, 1150, 50),  # between the steps: left out
+        _Event(DECODE_STEP_RANGE, 1200, 1300, 20), _Event("nanoengine.fused_decode", 1205, 1275, 70),
+        _Event("aten::argmax", 1280, 1290, 10),
+    ]
+    ms = {r.category: r.ms for r in decode_step_rows(events)}
+    assert ms["fused"] == pytest.approx(0.140) and ms["sampling"] == pytest.approx(0.010)
+    assert ms["matmul"] == 0 and ms[OTHER] == pytest.approx(0.200 - 0.150)
+    assert {r.category: r.ms_per_step for r in decode_step_rows(events)}[OTHER] == pytest.approx(0.025)
+    assert decode_step_rows(events[:2]) is None
+
+
 def test_the_table_has_a_row_per_category_and_the_total():
     table = format_profile(categorize([("aten::mm", 0.003)], wall_s=0.004, steps=2))
     lines = table.splitlines()
@@ -89,7 +114,8 @@ def test_bench_latency_profiles_the_timed_runs(zoo_paths, tmp_path, capsys):
                      "--output-len", "5", "--num-iters", "1", "--num-iters-warmup", "0", "--dtype", "float32",
                      "--no-fast-path", "--profile", str(trace), "--result-json", str(out)]) == 0
     events = json.loads(trace.read_text())["traceEvents"]
-    assert sum(e.get("name") == STEP_RANGE for e in events) == 5, "a range per step: prefill, then 4 decodes"
+    assert sum(e.get("name") == STEP_RANGE for e in events) == 1, "the prefill step's range"
+    assert sum(e.get("name") == DECODE_STEP_RANGE for e in events) == 4, "then 4 decode steps"
     printed = capsys.readouterr().out
     for category in CATEGORIES:
         assert re.search(rf"^{re.escape(category)} +\d+\.\d\d +-?\d+\.\d% +-?\d+\.\d{{3}}$", printed, re.M), category
@@ -100,3 +126,9 @@ def test_bench_latency_profiles_the_timed_runs(zoo_paths, tmp_path, capsys):
     assert sum(r["ms"] for r in rows) == pytest.approx(profile["wall_ms"])
     assert {r["category"]: r["ms"] for r in rows}[OTHER] >= 0, "no op counted twice (self times only)"
     assert {r["category"]: r["ms"] for r in rows}["matmul"] > 0, "the model's projections ran under the profiler"
+    assert "the decode steps alone" in printed
+    decode = profile["decode_steps"]
+    assert [r["category"] for r in decode] == list(CATEGORIES)
+    decode_wall = sum(e["dur"] for e in events if e.get("name") == DECODE_STEP_RANGE) / 1e3
+    assert sum(r["ms"] for r in decode) == pytest.approx(decode_wall, rel=1e-3)
+    assert all(r["ms_per_step"] == pytest.approx(r["ms"] / 4) for r in decode)

@@ -1,6 +1,7 @@
 """Lesson 15: W8A8, int8 activations times int8 weights, equals its integer oracle.
 
-- ``quantize_rows`` rounds as PyTorch does (``round(x / (max|x| / 127))``, half to even);
+- ``quantize_blocks`` rounds as PyTorch does (``round(x / (max|x| / 127))`` per block of a
+  row, half to even);
 - the C kernel (AVX2 and its tail loop) and numba's fallback equal the exact integer dot
   products, scaled, on any shape;
 - a row gives the same bits alone, in a batch, and on the ``torch._int_mm`` path that CPUs
@@ -19,25 +20,21 @@ from hypothesis import strategies as st
 from nanoengine.model.layers.linear import DECODE_MAX_ROWS
 from nanoengine.quant import w8a8
 from nanoengine.quant.int8 import quantize_int8
+from tests.oracles import torch_quantize_blocks
 
 pytestmark = pytest.mark.l15
 
 KERNELS = {"C": w8a8.w8a8_kernel, "numba": w8a8._w8a8_numba}
 
 
-def torch_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    absmax = x.abs().amax(dim=1)
-    scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
-    return torch.round(x / scales[:, None]).to(torch.int8), scales
-
-
-@given(rows=st.integers(1, 6), k=st.integers(1, 80), zero_row=st.booleans(), seed=st.integers(0, 2**16))
-def test_activations_quantize_as_pytorch_rounds_them(rows, k, zero_row, seed):
-    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)) * 3
-    if zero_row:
-        x[0] = 0
-    codes, scales = w8a8.quantize_rows(x.numpy())
-    expected_codes, expected_scales = torch_quantize_rows(x)
+@given(rows=st.integers(1, 6), block_size=st.integers(1, 40), blocks=st.integers(1, 3), zero_block=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_activations_quantize_as_pytorch_rounds_them(rows, block_size, blocks, zero_block, seed):
+    x = torch.randn(rows, block_size * blocks, generator=torch.Generator().manual_seed(seed)) * 3
+    if zero_block:
+        x[0, :block_size] = 0
+    codes, scales = w8a8.quantize_blocks(x.numpy(), block_size)
+    expected_codes, expected_scales = torch_quantize_blocks(x, block_size)
     assert torch.equal(torch.from_numpy(codes), expected_codes)
     assert torch.equal(torch.from_numpy(scales), expected_scales)
 
@@ -51,8 +48,8 @@ def test_the_kernels_equal_the_exact_integer_sums(kernel, rows, n, k, seed):
     x = torch.randn(rows, k, generator=generator)
     out = np.empty((rows, n), np.float32)
     KERNELS[kernel](x.numpy(), qweight.numpy(), scales.numpy(), out)
-    codes, xscale = torch_quantize_rows(x)
-    expected = (codes.double() @ qweight.double().T) * xscale.double()[:, None] * scales.double()
+    codes, xscale = torch_quantize_blocks(x, k)
+    expected = (codes.double() @ qweight.double().T) * xscale.double() * scales.double()
     torch.testing.assert_close(torch.from_numpy(out).double(), expected, rtol=1e-6, atol=1e-6)
 
 

@@ -115,11 +115,12 @@ class BatchRun:
 
 
 def _one_run(engine, prompts: list[list[int]], output_len: int, tag: str,
-             step_range: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> BatchRun:
+             step_range: Callable[[bool], contextlib.AbstractContextManager] = lambda decode: contextlib.nullcontext(),
+             ) -> BatchRun:
     """Submit every prompt at once and step the engine (an ``LLMEngine`` or a ``NaiveEngine``)
     until all are done, timing each step's outputs and counting the tokens each step added
-    (several per request with speculative decoding). ``step_range``: entered around each step
-    (``--profile``'s range)."""
+    (several per request with speculative decoding). ``step_range(decode)``: entered around
+    each step (``--profile``'s range), ``decode`` once every request has its first token."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False,
                             output_kind=RequestOutputKind.DELTA)
     start = time.perf_counter()
@@ -127,7 +128,7 @@ def _one_run(engine, prompts: list[list[int]], output_len: int, tag: str,
         engine.add_request(f"{tag}-{i}", Prompt(None, prompt), params)
     first, finished, steps = {}, {}, []
     while engine.has_unfinished_requests():
-        with step_range():
+        with step_range(len(first) == len(prompts)):
             outputs = engine.step()
         now = time.perf_counter() - start
         gained = 0

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 STEP_RANGE = "nanoengine.step"  # the range a bench puts around each engine step it drives
+DECODE_STEP_RANGE = "nanoengine.step.decode"  # ... one in which every request is past its prefill
 OTHER = "Python/other"
 
 
@@ -96,6 +97,34 @@ def categorize(events: Iterable[Any], wall_s: float, steps: int | None) -> list[
             for c, s in seconds.items()]
 
 
+def _within(events: list[Any], ranges: list[Any]) -> list[Any]:
+    """The events that start inside one of ``ranges`` (profiler events, which do not overlap),
+    other than the ranges themselves."""
+    import bisect
+
+    spans = sorted((r.time_range.start, r.time_range.end) for r in ranges)
+    starts = [start for start, _ in spans]
+    inside = []
+    for event in events:
+        if event.name in (STEP_RANGE, DECODE_STEP_RANGE):
+            continue
+        i = bisect.bisect_right(starts, event.time_range.start) - 1
+        if i >= 0 and event.time_range.start < spans[i][1]:
+            inside.append(event)
+    return inside
+
+
+def decode_step_rows(events: list[Any]) -> list[ProfileRow] | None:
+    """:func:`categorize` over the decode steps alone (the ``nanoengine.step.decode`` ranges), so
+    a prefill's big matmuls and small ops do not hide what a decode step costs; None when no
+    step was marked as one."""
+    ranges = [e for e in events if e.name == DECODE_STEP_RANGE]
+    if not ranges:
+        return None
+    wall_s = sum(r.time_range.end - r.time_range.start for r in ranges) / 1e6
+    return categorize(_within(events, ranges), wall_s, len(ranges))
+
+
 def format_profile(rows: list[ProfileRow]) -> str:
     """The rows as an aligned table, with their total."""
     per_step = [r.ms_per_step for r in rows]
@@ -135,14 +164,15 @@ class BenchProfiler:
             self.wall_s = time.perf_counter() - self._started
             self._prof.__exit__(*exc)
 
-    def step_range(self) -> contextlib.AbstractContextManager:
+    def step_range(self, decode: bool = False) -> contextlib.AbstractContextManager:
         """A ``nanoengine.step`` range when profiling, so the trace shows each step and the
-        table counts them."""
+        table counts them; ``decode``: every request of the step is past its prefill (such steps
+        get a table of their own)."""
         if self._prof is None:
             return contextlib.nullcontext()
         from torch.profiler import record_function
 
-        return record_function(STEP_RANGE)
+        return record_function(DECODE_STEP_RANGE if decode else STEP_RANGE)
 
     def report(self, steps: int | None = None) -> dict[str, Any] | None:
         """Write the trace, print the table and return it for ``--result-json`` (None when not
@@ -152,15 +182,21 @@ class BenchProfiler:
             return None
         events = self._prof.events()
         if steps is None:
-            steps = sum(e.name == STEP_RANGE for e in events) or None
+            steps = sum(e.name in (STEP_RANGE, DECODE_STEP_RANGE) for e in events) or None
         rows = categorize(events, self.wall_s, steps)
+        decode_rows = decode_step_rows(events)
         self.trace_path.parent.mkdir(parents=True, exist_ok=True)
         self._prof.export_chrome_trace(str(self.trace_path))
         print(f"profile of the measured runs (their timings above include the profiler's cost): "
               f"{self.wall_s * 1e3:.1f} ms wall, {steps or 'unknown'} engine steps, trace {self.trace_path}")
         print(format_profile(rows))
-        return {"trace": str(self.trace_path), "wall_ms": self.wall_s * 1e3, "steps": steps,
-                "categories": [dataclasses.asdict(r) for r in rows]}
+        record = {"trace": str(self.trace_path), "wall_ms": self.wall_s * 1e3, "steps": steps,
+                  "categories": [dataclasses.asdict(r) for r in rows]}
+        if decode_rows is not None:
+            print("the decode steps alone (every request past its prefill; the wall time inside their ranges):")
+            print(format_profile(decode_rows))
+            record["decode_steps"] = [dataclasses.asdict(r) for r in decode_rows]
+        return record
 
 
 def profile_decode_steps(engine: Any, prompts: list[list[int]], steps: int, trace_path: Path) -> dict[str, Any]:
@@ -182,6 +218,6 @@ def profile_decode_steps(engine: Any, prompts: list[list[int]], steps: int, trac
     profiler = BenchProfiler(trace_path)
     with profiler:
         for _ in range(steps):
-            with profiler.step_range():
+            with profiler.step_range(decode=True):
                 engine.step()
     return profiler.report(steps)

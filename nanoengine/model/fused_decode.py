@@ -40,25 +40,41 @@ from nanoengine.attention.torch_paged import PagedAttention
 from nanoengine.model.layers.cpu_gemv import kernel_array, matmul_stored
 from nanoengine.model.layers.linear import DECODE_MAX_ROWS
 from nanoengine.profiling import profiled
-from nanoengine.quant.grouped_gemv import int4_kernel
+from nanoengine.quant.grouped_gemv import int4_kernel, w4a8_kernel
 from nanoengine.quant.int4_kernel import Int4Weight
 from nanoengine.quant.w8a8 import W8A8LinearMethod, w8a8_kernel
 
 
-def _matmul(x, w, scales, out):  # noqa: ANN001, ANN202
+def _matmul(x, w, scales, int8_activations, out):  # noqa: ANN001, ANN202
     raise NotImplementedError("only callable from numba-compiled code")
 
 
 @overload(_matmul)
-def _matmul_impl(x, w, scales, out):  # noqa: ANN001, ANN202
+def _matmul_impl(x, w, scales, int8_activations, out):  # noqa: ANN001, ANN202
     """The GEMV for the weight's stored kind: 4-bit nibbles (``uint8 [N, K/2]``, with ``scales``
-    ``[2, N, groups]`` holding the scales then the mins); W8A8's int8 codes times int8
-    activations (``scales [1, N]``); or float32, bf16 bits or int8 codes (``scales [N]``)."""
-    if w.dtype == types.int8 and scales.ndim == 2:
-        return lambda x, w, scales, out: w8a8_kernel(x, w, scales[0], out)
+    ``[2, N, groups]`` holding the scales then the mins), or float32, bf16 bits or int8 codes
+    (``scales [N]``). ``int8_activations``: the activations are quantized to int8 first and
+    the products summed in integers (W4A8 for GGUF's 4-bit blocks, W8A8)."""
     if w.dtype == types.uint8:
-        return lambda x, w, scales, out: int4_kernel(x, w, scales[0], scales[1], x.shape[1] // scales.shape[2], out)
-    return lambda x, w, scales, out: matmul_stored(x, w, scales, out)
+
+        def int4(x, w, scales, int8_activations, out):  # noqa: ANN001, ANN202
+            group_size = x.shape[1] // scales.shape[2]
+            if int8_activations:
+                w4a8_kernel(x, w, scales[0], scales[1], group_size, out)
+            else:
+                int4_kernel(x, w, scales[0], scales[1], group_size, out)
+
+        return int4
+    if w.dtype == types.int8:
+
+        def int8(x, w, scales, int8_activations, out):  # noqa: ANN001, ANN202
+            if int8_activations:
+                w8a8_kernel(x, w, scales, out)
+            else:
+                matmul_stored(x, w, scales, out)
+
+        return int8
+    return lambda x, w, scales, int8_activations, out: matmul_stored(x, w, scales, out)
 
 
 def _store_row(src, dst):  # noqa: ANN001, ANN202
@@ -130,9 +146,11 @@ def _silu_mul(gate_up, out):  # noqa: ANN001, ANN202
 def _decode_stack(
     x, positions, slots, block_tables, seq_lens, cos, sin, k_pool, v_pool,
     w_in, w_post, w_qkv, s_qkv, w_o, s_o, w_gate_up, s_gate_up, w_down, s_down, w_final,
-    num_heads, num_kv_heads, head_dim, eps, scale,
+    int8_activations, num_heads, num_kv_heads, head_dim, eps, scale,
 ):  # noqa: ANN001, ANN202
-    """Every decoder layer and the final norm on ``x [M, H]`` (float32, updated in place)."""
+    """Every decoder layer and the final norm on ``x [M, H]`` (float32, updated in place).
+    ``int8_activations[kind]``: whether that kind of projection (q/k/v, o, gate/up, down)
+    quantizes its activations (W4A8, W8A8)."""
     rows, hidden = x.shape
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     inter = w_gate_up.shape[1] // 2  # (shape[1]: output rows, whatever the weight's storage)
@@ -146,7 +164,7 @@ def _decode_stack(
     act = np.empty((rows, inter), np.float32)
     for layer in range(w_qkv.shape[0]):
         _rms_norm(x, w_in[layer], eps, normed)
-        _matmul(normed, w_qkv[layer], s_qkv[layer], qkv)
+        _matmul(normed, w_qkv[layer], s_qkv[layer], int8_activations[0], qkv)
         for m in range(rows):
             pos = positions[m]
             row = qkv[m]
@@ -160,12 +178,12 @@ def _decode_stack(
                 _store_row(row[k_start : k_start + head_dim], k_pool[layer, block, offset, h])
                 _store_row(row[v_start : v_start + head_dim], v_pool[layer, block, offset, h])
         _decode_kernel(q, k_pool[layer], v_pool[layer], block_tables, seq_lens, scale, attn)
-        _matmul(attn.reshape((rows, q_size)), w_o[layer], s_o[layer], proj)
+        _matmul(attn.reshape((rows, q_size)), w_o[layer], s_o[layer], int8_activations[1], proj)
         x += proj
         _rms_norm(x, w_post[layer], eps, normed)
-        _matmul(normed, w_gate_up[layer], s_gate_up[layer], gate_up)
+        _matmul(normed, w_gate_up[layer], s_gate_up[layer], int8_activations[2], gate_up)
         _silu_mul(gate_up, act)
-        _matmul(act, w_down[layer], s_down[layer], proj)
+        _matmul(act, w_down[layer], s_down[layer], int8_activations[3], proj)
         x += proj
     _rms_norm(x, w_final, eps, normed)
     x[:] = normed
@@ -174,9 +192,18 @@ def _decode_stack(
 def _int4_weight(linear: nn.Module) -> Int4Weight | None:
     """The layer's weight when it is one 4-bit matrix held as nibbles (lesson 11's
     ``Int4Weight`` off PyTorch's kernel: ``quantization="int4"``, or a GGUF file's 4-bit
-    blocks), the kind the fused step multiplies in place."""
-    weights = getattr(linear, "gguf_weights", None)
-    weight = weights[0] if weights is not None and len(weights) == 1 else getattr(linear, "int4", None)
+    blocks), the kind the fused step multiplies in place. GPTQ and AWQ layers hold one too, but
+    may permute their inputs first (act-order), so they take the module path."""
+    from nanoengine.quant.gguf import GGUFLinearMethod
+    from nanoengine.quant.int4 import Int4LinearMethod
+
+    method = linear.linear_method
+    if isinstance(method, GGUFLinearMethod):
+        weight = linear.gguf_weights[0] if len(linear.gguf_weights) == 1 else None
+    elif type(method) is Int4LinearMethod:
+        weight = linear.int4
+    else:
+        return None
     if not isinstance(weight, Int4Weight) or weight.use_kernel:
         return None
     return weight
@@ -185,8 +212,7 @@ def _int4_weight(linear: nn.Module) -> Int4Weight | None:
 def _stack_weights(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
     """One ``[layers, ...]`` tensor of the layers' stored weights and one of their scales:
     float weights ``[layers, out, in]`` with ones ``[layers, out]``; int8 codes with their
-    float32 scales ``[layers, out]`` (``[layers, 1, out]`` for W8A8, whose activations are
-    quantized too); 4-bit nibbles ``[layers, out, in/2]`` with scales and
+    float32 scales ``[layers, out]``; 4-bit nibbles ``[layers, out, in/2]`` with scales and
     mins ``[layers, 2, out, groups]``. Each layer's own tensors become views of their slices
     (where the dtype allows), so the model keeps one copy."""
     int4 = [_int4_weight(linear) for linear in linears]
@@ -207,8 +233,6 @@ def _stack_weights(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor
             linear._buffers["qweight"] = stacked[i]
     if name == "qweight":
         scales = torch.stack([linear.scales.float() for linear in linears])
-        if isinstance(linears[0].linear_method, W8A8LinearMethod):
-            scales = scales[:, None]
     else:
         scales = torch.ones(stacked.shape[:2], dtype=torch.float32)
     return stacked, scales
@@ -236,6 +260,8 @@ class FusedDecode:
         stacked = [_stack_weights(self.modules[kind::4]) for kind in range(4)]
         # 4-bit nibbles are read as the bytes they are; other weights as the GEMV reads them
         self.weights = [t.numpy() if t.dtype == torch.uint8 else kernel_array(t) for pair in stacked for t in pair]
+        # per kind: whether its activations are quantized to int8 (W4A8, W8A8)
+        self.int8_activations = np.array([_storage(self.modules[kind]) in ("w4a8", "w8a8") for kind in range(4)])
         self.norms = [
             torch.stack([layer.input_layernorm.weight.float() for layer in layers]).numpy(),
             torch.stack([layer.post_attention_layernorm.weight.float() for layer in layers]).numpy(),
@@ -272,7 +298,7 @@ class FusedDecode:
             _decode_stack(
                 x.numpy(), positions.numpy(), metadata.slot_mapping.numpy(), metadata.block_tables.numpy(),
                 np.asarray(metadata.seq_lens, np.int64), self.model.rotary.cos.numpy(), self.model.rotary.sin.numpy(),
-                kernel_array(cache.k), kernel_array(cache.v), w_in, w_post, *self.weights, w_final,
+                kernel_array(cache.k), kernel_array(cache.v), w_in, w_post, *self.weights, w_final, self.int8_activations,
                 self.num_heads, self.num_kv_heads, self.head_dim, np.float32(self.eps), np.float32(self.scale),
             )
         return x.to(hidden.dtype)
@@ -312,7 +338,10 @@ def _storage(linear: nn.Module) -> str | None:
         return "gemv"
     if isinstance(linear.linear_method, W8A8LinearMethod):
         return "w8a8"
-    return "int4" if _int4_weight(linear) is not None else None
+    int4 = _int4_weight(linear)
+    if int4 is None:
+        return None
+    return "w4a8" if int4.int8_activations else "int4"
 
 
 def use_fused_decode(model: nn.Module) -> bool:

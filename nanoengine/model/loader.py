@@ -149,6 +149,10 @@ def load_model(config: ModelConfig, layout: RankLayout = SINGLE) -> LoadedModel:
         from nanoengine.model.layers.fused_norm import use_fused_norms
 
         gemv = use_gemv(model)
+        if quant_config is not None and quant_config.name == "gguf":
+            from nanoengine.quant.gguf import use_int8_activations
+
+            use_int8_activations(model)
         use_fused_norms(model)
         fused = not config.enforce_eager and use_fused_decode(model)
     processor = AutoProcessor.from_pretrained(path) if getattr(model, "image_token_id", None) is not None else None

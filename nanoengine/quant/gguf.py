@@ -11,6 +11,11 @@ decodes once, at load time, into one of two runtime weights:
   :class:`GroupedInt8Weight`, a byte per code, which PyTorch's int8 kernel runs group by group
   for a decode step and which larger batches dequantize a tile of rows at a time.
 
+On the fast path (lesson 15, :func:`use_int8_activations`), a decode step's few rows multiply
+either kind by activations quantized to int8 per group (W4A8, and W8A8 per group), as
+llama.cpp (Q8 activations) and vLLM's GGUF kernels do; prefill dequantizes the weights and
+keeps float activations, and so does the reference path at every row count.
+
 F32/F16/BF16 tensors stay dense in the model's dtype. The vocabulary matrix, whose rows the
 embedding gathers, is a :class:`GroupedInt8Weight` whatever its type (see
 ``nanoengine/model/layers/embedding.py``). Decoding reads the bytes with numpy;
@@ -203,7 +208,9 @@ class GroupedInt8Weight(nn.Module):
     """A ``[N, K]`` weight held as a byte per code, a scale (and optionally a min) per group of
     ``group_size`` inputs; ``forward(x) = x @ Wᵀ``, ``rows(ids) = W[ids]``.
 
-    The float weight never exists whole. A few rows of bf16/f16 activations run
+    The float weight never exists whole. A few rows of float32 activations on a CPU run lesson
+    15's kernel (``int8_activations``: GGUF's blocks quantize the activations to int8 per group
+    first, as llama.cpp does, and sum the products in integers). A few rows of bf16/f16 activations run
     ``_weight_int8pack_mm`` (int8 weights, one scale per output) once per group of inputs and
     add up the groups' outputs; larger batches dequantize a tile of about 1 MB of rows at a
     time into the activations' dtype for ``F.linear``. Invariant: stored group-major, so that
@@ -213,11 +220,12 @@ class GroupedInt8Weight(nn.Module):
 
     def __init__(
         self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group_size: int,
-        dtype: torch.dtype,
+        dtype: torch.dtype, int8_activations: bool = False,
     ) -> None:
         super().__init__()
         n, k = codes.shape
         self.group_size, self.tile_rows = group_size, max(1, _TILE_ELEMENTS // k)
+        self.int8_activations = int8_activations
         grouped = codes.to(torch.int8).view(n, k // group_size, group_size).transpose(0, 1).contiguous()
         self.register_buffer("codes", grouped, persistent=False)
         self.register_buffer("scales", scales.t().to(dtype).contiguous(), persistent=False)
@@ -241,7 +249,7 @@ class GroupedInt8Weight(nn.Module):
             from nanoengine.quant.grouped_gemv import grouped_int8_matmul
 
             mins = None if self.mins is None else self.mins.float()
-            return grouped_int8_matmul(x, self.codes, self.scales.float(), mins)
+            return grouped_int8_matmul(x, self.codes, self.scales.float(), mins, self.int8_activations)
         if flat.shape[0] <= _PER_GROUP_KERNEL_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and x.is_cpu:
             out = self._per_group_kernel(flat)
         else:
@@ -260,6 +268,17 @@ class GroupedInt8Weight(nn.Module):
             if self.mins is not None:
                 out += x_g.float().sum(-1, keepdim=True) * self.mins[g].float()
         return out.to(flat.dtype)
+
+
+def use_int8_activations(model: nn.Module) -> int:
+    """Lesson 15's fast path for GGUF's codes: every 4-bit and grouped 8-bit weight of ``model``
+    multiplies a decode step's rows by activations quantized to int8 per group, summing the
+    products in integers (as llama.cpp does); returns how many weights. The reference path
+    keeps float activations, and the fast path is held to it by a near-tie rule."""
+    weights = [m for m in model.modules() if isinstance(m, Int4Weight | GroupedInt8Weight)]
+    for weight in weights:
+        weight.int8_activations = True
+    return len(weights)
 
 
 class DenseWeight(nn.Module):

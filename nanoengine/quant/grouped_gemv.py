@@ -27,6 +27,7 @@ from numba import prange
 
 from nanoengine.profiling import profiled
 from nanoengine.quant import native
+from nanoengine.quant.w8a8 import quantize_blocks
 
 TILE = 16
 
@@ -55,12 +56,37 @@ def _int4_kernel(x, nibbles, scales, mins, group_size, out):  # noqa: ANN001, AN
                 out[m, n] = acc
 
 
+@numba.njit(parallel=True, cache=True)
+def _w4a8_kernel(x, nibbles, scales, mins, group_size, out):  # noqa: ANN001, ANN202
+    """W4A8, ``_int4_kernel``'s weights times activations quantized to int8 per group (the C
+    kernel's sums where it cannot be built): ``Σ_g scale · xscale · (codes · xq) + min · Σx``."""
+    rows, k_size = x.shape
+    n_size, groups = scales.shape
+    half = group_size // 2
+    xq, xscale = quantize_blocks(x, group_size)
+    xsum = _group_sums(x, group_size)
+    for tile in prange((n_size + TILE - 1) // TILE):
+        for n in range(tile * TILE, min(n_size, tile * TILE + TILE)):
+            for m in range(rows):
+                total, shift = np.float32(0.0), np.float32(0.0)
+                for g in range(groups):
+                    shift += mins[n, g] * xsum[m, g]
+                for g in range(groups):
+                    dot = 0
+                    for j in range(half):
+                        byte = np.int32(nibbles[n, g * half + j])
+                        dot += (byte & 15) * np.int32(xq[m, g * group_size + j])
+                        dot += (byte >> 4) * np.int32(xq[m, g * group_size + half + j])
+                    total += np.float32(dot) * (scales[n, g] * xscale[m, g])
+                out[m, n] = total + shift
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _int8_kernel(x, codes, scales, mins, out):  # noqa: ANN001, ANN202
+def _int8_kernel(x, codes, scales, mins, group_size, out):  # noqa: ANN001, ANN202
     """``codes`` int8 group-major ``[K/group_size, N, group_size]``; ``scales`` float32
     ``[K/group_size, N]``; ``mins`` the same, or an empty array for symmetric types."""
     rows, k_size = x.shape
-    groups, n_size, group_size = codes.shape
+    groups, n_size = codes.shape[0], codes.shape[1]
     has_mins = mins.shape[0] > 0
     for tile in prange((n_size + TILE - 1) // TILE):
         row = np.empty(k_size, np.float32)
@@ -77,6 +103,29 @@ def _int8_kernel(x, codes, scales, mins, out):  # noqa: ANN001, ANN202
                 out[m, n] = acc
 
 
+@numba.njit(parallel=True, cache=True)
+def _int8_int8_kernel(x, codes, scales, mins, group_size, out):  # noqa: ANN001, ANN202
+    """``_int8_kernel``'s weights times activations quantized to int8 per group (the C kernel's
+    sums where it cannot be built)."""
+    rows, k_size = x.shape
+    groups, n_size = codes.shape[0], codes.shape[1]
+    has_mins = mins.shape[0] > 0
+    xq, xscale = quantize_blocks(x, group_size)
+    xsum = _group_sums(x, group_size)
+    for tile in prange((n_size + TILE - 1) // TILE):
+        for n in range(tile * TILE, min(n_size, tile * TILE + TILE)):
+            for m in range(rows):
+                total = np.float32(0.0)
+                for g in range(groups):
+                    dot = 0
+                    for j in range(group_size):
+                        dot += np.int32(codes[g, n, j]) * np.int32(xq[m, g * group_size + j])
+                    total += np.float32(dot) * (scales[g, n] * xscale[m, g])
+                    if has_mins:
+                        total += mins[g, n] * xsum[m, g]
+                out[m, n] = total
+
+
 @numba.njit(fastmath=True, cache=True)
 def _group_sums(x, group_size):  # noqa: ANN001, ANN202
     """``[rows, K / group_size]``: each row's sum over each group (the mins multiply it)."""
@@ -88,43 +137,39 @@ def _group_sums(x, group_size):  # noqa: ANN001, ANN202
     return sums
 
 
-def _native_int4_kernel(int4_rows):  # noqa: ANN001, ANN202
-    """``_int4_kernel``'s signature, each tile of outputs computed by the C kernel."""
+def _in_c(rows_function, int8_activations: bool):  # noqa: ANN001, ANN202
+    """A kernel with the numba kernels' signature ``(x, codes, scales, mins, group_size, out)``
+    that hands each tile of outputs to ``rows_function`` of ``gemv_kernels.c``: with the float32
+    activations, or (``int8_activations``) with them quantized to int8 per group here first."""
 
     @numba.njit(parallel=True)
-    def kernel(x, nibbles, scales, mins, group_size, out):  # noqa: ANN001, ANN202
+    def kernel(x, codes, scales, mins, group_size, out):  # noqa: ANN001, ANN202
         rows, k_size = x.shape
-        n_size = scales.shape[0]
+        n_size = out.shape[1]
         xsum = _group_sums(x, group_size)
+        if int8_activations:  # a constant: numba compiles one branch
+            activations, xscale = quantize_blocks(x, group_size)
+        else:
+            activations, xscale = x, xsum  # xscale goes as NULL
+        mins_pointer = mins.ctypes.data if mins.size > 0 else np.uintp(0)  # NULL: no mins
         for tile in prange((n_size + TILE - 1) // TILE):
-            int4_rows(x.ctypes.data, xsum.ctypes.data, rows, k_size, nibbles.ctypes.data, scales.ctypes.data,
-                      mins.ctypes.data, group_size, tile * TILE, min(n_size, tile * TILE + TILE), out.ctypes.data,
-                      n_size)
+            rows_function(activations.ctypes.data, xscale.ctypes.data if int8_activations else np.uintp(0),
+                          xsum.ctypes.data, rows, k_size, codes.ctypes.data, scales.ctypes.data, mins_pointer,
+                          group_size, tile * TILE, min(n_size, tile * TILE + TILE), out.ctypes.data, n_size)
 
     return kernel
 
 
-def _native_int8_kernel(int8_rows):  # noqa: ANN001, ANN202
-    """``_int8_kernel``'s signature, each tile of outputs computed by the C kernel."""
-
-    @numba.njit(parallel=True)
-    def kernel(x, codes, scales, mins, out):  # noqa: ANN001, ANN202
-        rows, k_size = x.shape
-        n_size, group_size = codes.shape[1], codes.shape[2]
-        xsum = _group_sums(x, group_size)
-        mins_pointer = mins.ctypes.data if mins.shape[0] > 0 else np.uintp(0)  # NULL: no mins
-        for tile in prange((n_size + TILE - 1) // TILE):
-            int8_rows(x.ctypes.data, xsum.ctypes.data, rows, k_size, codes.ctypes.data, scales.ctypes.data,
-                      mins_pointer, group_size, tile * TILE, min(n_size, tile * TILE + TILE), out.ctypes.data,
-                      n_size)
-
-    return kernel
-
-
-# The kernels every caller uses (the fused decode step too): C where it builds, else numba's.
+# The kernels every caller uses (the fused decode step too), all ``(x, codes, scales, mins,
+# group_size, out)``: C where it builds, else numba's.
 _library = native.library()
-int4_kernel = _native_int4_kernel(_library.int4_rows) if _library is not None else _int4_kernel
-grouped_int8_kernel = _native_int8_kernel(_library.int8_grouped_rows) if _library is not None else _int8_kernel
+if _library is not None:
+    int4_kernel, w4a8_kernel = _in_c(_library.int4_rows, False), _in_c(_library.int4_rows, True)
+    grouped_int8_kernel = _in_c(_library.int8_grouped_rows, False)
+    grouped_int8_int8_kernel = _in_c(_library.int8_grouped_rows, True)
+else:
+    int4_kernel, w4a8_kernel = _int4_kernel, _w4a8_kernel
+    grouped_int8_kernel, grouped_int8_int8_kernel = _int8_kernel, _int8_int8_kernel
 
 
 def _float_rows(x: torch.Tensor) -> np.ndarray:
@@ -132,23 +177,27 @@ def _float_rows(x: torch.Tensor) -> np.ndarray:
 
 
 def int4_matmul(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                group_size: int) -> torch.Tensor:
+                group_size: int, int8_activations: bool = False) -> torch.Tensor:
     """``x [..., K] @ Wᵀ`` for a 4-bit weight held as :class:`~nanoengine.quant.int4_kernel.Int4Weight`
-    holds it off PyTorch's kernel path; ``scales``/``mins`` float32 ``[N, K/group_size]``."""
+    holds it off PyTorch's kernel path; ``scales``/``mins`` float32 ``[N, K/group_size]``.
+    ``int8_activations``: W4A8, the activations quantized to int8 per group first."""
     flat = _float_rows(x)
     out = np.empty((flat.shape[0], nibbles.shape[0]), np.float32)
+    kernel = w4a8_kernel if int8_activations else int4_kernel
     with profiled("nanoengine.gemv"):
-        int4_kernel(flat, nibbles.numpy(), scales.contiguous().numpy(), mins.contiguous().numpy(), group_size, out)
+        kernel(flat, nibbles.numpy(), scales.contiguous().numpy(), mins.contiguous().numpy(), group_size, out)
     return torch.from_numpy(out).view(*x.shape[:-1], out.shape[1]).to(x.dtype)
 
 
 def grouped_int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                        mins: torch.Tensor | None) -> torch.Tensor:
+                        mins: torch.Tensor | None, int8_activations: bool = False) -> torch.Tensor:
     """``x [..., K] @ Wᵀ`` for codes held group-major as ``GroupedInt8Weight`` holds them;
-    ``scales`` (and ``mins``) float32 ``[K/group_size, N]``."""
+    ``scales`` (and ``mins``) float32 ``[K/group_size, N]``. ``int8_activations``: the
+    activations are quantized to int8 per group first (GGUF's blocks at decode)."""
     flat = _float_rows(x)
     out = np.empty((flat.shape[0], codes.shape[1]), np.float32)
     no_mins = np.empty((0, 0), np.float32)
+    kernel = grouped_int8_int8_kernel if int8_activations else grouped_int8_kernel
     with profiled("nanoengine.gemv"):
-        grouped_int8_kernel(flat, codes.numpy(), scales.numpy(), no_mins if mins is None else mins.numpy(), out)
+        kernel(flat, codes.numpy(), scales.numpy(), no_mins if mins is None else mins.numpy(), codes.shape[2], out)
     return torch.from_numpy(out).view(*x.shape[:-1], out.shape[1]).to(x.dtype)

@@ -47,19 +47,25 @@ def kernel_applies(output_size: int, group_size: int, device: torch.device, dtyp
 class Int4Weight(nn.Module):
     """A ``[N, K]`` weight held as 4-bit codes with a scale and min per group; ``forward(x) = x @ Wᵀ``.
 
+    ``int8_activations`` (GGUF's blocks on the fast path, as llama.cpp and vLLM run them): off
+    PyTorch's kernel, up to ``DECODE_MAX_ROWS`` rows quantize the activations to int8 per group
+    and sum the products in integers (W4A8, lesson 15); more rows still dequantize the weight.
+
     Invariant: ``K % group_size == 0`` and ``group_size`` is even. Scales and zeros are kept in the
     activations' dtype, which is what the kernel reads (a bf16 scale rounds like a bf16 weight
     would).
     """
 
     def __init__(
-        self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int, dtype: torch.dtype
+        self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int, dtype: torch.dtype,
+        int8_activations: bool = False,
     ) -> None:
         super().__init__()
         n, k = codes.shape
         if k % group_size or group_size % 2:
             raise ValueError(f"input size {k} is not a multiple of the group size {group_size}, or that is odd")
         self.group_size = group_size
+        self.int8_activations = int8_activations
         self.use_kernel = kernel_applies(n, group_size, codes.device, dtype)
         if self.use_kernel:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
@@ -82,7 +88,8 @@ class Int4Weight(nn.Module):
             # float32 activations (lesson 15): a numba kernel reads the nibbles in place
             from nanoengine.quant.grouped_gemv import int4_matmul
 
-            return int4_matmul(x, self.nibbles, self.scales.float(), self.mins.float(), self.group_size)
+            return int4_matmul(x, self.nibbles, self.scales.float(), self.mins.float(), self.group_size,
+                               self.int8_activations)
         if not self.use_kernel:
             halves = self.nibbles.view(self.nibbles.shape[0], -1, self.group_size // 2)
             codes = torch.cat([halves & 0xF, halves >> 4], dim=-1).flatten(1)

@@ -70,9 +70,10 @@ def library() -> ctypes.CDLL | None:
         logger.warning("the C decode kernels could not be built (%s); using the fallbacks", detail)
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    # (x, xsum, rows, k, codes, scales, mins, group_size, n_first, n_last, out, n_total)
+    # (x, xscale or NULL, xsum, rows, k, codes, scales, mins, group_size, n_first, n_last, out, n_total)
     for function in (loaded.int4_rows, loaded.int8_grouped_rows):
-        function.argtypes = [pointer, pointer, size, size, pointer, pointer, pointer, size, size, size, pointer, size]
+        function.argtypes = [pointer, pointer, pointer, size, size, pointer, pointer, pointer, size, size, size,
+                             pointer, size]
         function.restype = None
     # (x codes, x scales, rows, k, w codes, w scales, n_first, n_last, out, n_total)
     loaded.int8_int8_rows.argtypes = [pointer, pointer, size, size, pointer, pointer, size, size, pointer, size]

@@ -15,7 +15,7 @@ Where each row count runs, on a CPU:
 - more rows on a CPU with VNNI or AMX: ``torch._int_mm`` (oneDNN). Without them it is a
   scalar reference loop (3.7 G int8 ops/s on an AMD EPYC Zen 1, 17x slower than a float32
   GEMM at 512 rows), so it is not used there.
-Both paths quantize the activations with :func:`quantize_rows` and scale the same way, so a
+Both paths quantize the activations with :func:`quantize_blocks` and scale the same way, so a
 row gives the same bits alone or in a batch on either path.
 """
 
@@ -38,27 +38,32 @@ TILE = 16
 
 
 @numba.njit(cache=True)  # no fastmath: ``x / scale`` must round as PyTorch's division does
-def quantize_rows(x):  # noqa: ANN001, ANN202
-    """Float32 rows ``[M, K]`` -> (int8 codes ``[M, K]``, float32 scales ``[M]``):
-    ``scale = max|x| / 127`` (1 for a row of zeros), ``code = round(x / scale)``, half to even."""
+def quantize_blocks(x, block_size):  # noqa: ANN001, ANN202
+    """Float32 rows ``[M, K]`` -> (int8 codes ``[M, K]``, float32 scales ``[M, K / block_size]``),
+    one scale per block of ``block_size`` inputs of a row (``K``: one per row, as W8A8 takes
+    them; 32: GGUF's groups, as W4A8 takes them): ``scale = max|x| / 127`` over the block (1
+    for a block of zeros), ``code = round(x / scale)``, half to even."""
     rows, k_size = x.shape
+    blocks = k_size // block_size
     codes = np.empty((rows, k_size), np.int8)
-    scales = np.empty(rows, np.float32)
+    scales = np.empty((rows, blocks), np.float32)
     for m in range(rows):
-        absmax = np.float32(0.0)
-        for k in range(k_size):
-            absmax = max(absmax, abs(x[m, k]))
-        scale = absmax / np.float32(127.0) if absmax > 0 else np.float32(1.0)
-        for k in range(k_size):
-            codes[m, k] = np.int8(np.rint(x[m, k] / scale))
-        scales[m] = scale
+        for b in range(blocks):
+            first = b * block_size
+            absmax = np.float32(0.0)
+            for k in range(first, first + block_size):
+                absmax = max(absmax, abs(x[m, k]))
+            scale = absmax / np.float32(127.0) if absmax > 0 else np.float32(1.0)
+            for k in range(first, first + block_size):
+                codes[m, k] = np.int8(np.rint(x[m, k] / scale))
+            scales[m, b] = scale
     return codes, scales
 
 
 @numba.njit(parallel=True, cache=True)
 def _w8a8_numba(x, w, scales, out):  # noqa: ANN001, ANN202
     """The fallback where the C kernel cannot be built: the same sums, in numba's integers."""
-    xq, xscale = quantize_rows(x)
+    xq, xscale = quantize_blocks(x, x.shape[1])
     rows, k_size = x.shape
     n_size = w.shape[0]
     for tile in prange((n_size + TILE - 1) // TILE):
@@ -67,7 +72,7 @@ def _w8a8_numba(x, w, scales, out):  # noqa: ANN001, ANN202
                 dot = 0
                 for k in range(k_size):
                     dot += np.int32(w[n, k]) * np.int32(xq[m, k])
-                out[m, n] = np.float32(dot) * (xscale[m] * scales[n])
+                out[m, n] = np.float32(dot) * (xscale[m, 0] * scales[n])
 
 
 def _native_w8a8_kernel(int8_int8_rows):  # noqa: ANN001, ANN202
@@ -75,7 +80,7 @@ def _native_w8a8_kernel(int8_int8_rows):  # noqa: ANN001, ANN202
 
     @numba.njit(parallel=True)
     def kernel(x, w, scales, out):  # noqa: ANN001, ANN202
-        xq, xscale = quantize_rows(x)
+        xq, xscale = quantize_blocks(x, x.shape[1])
         rows, k_size = x.shape
         n_size = w.shape[0]
         for tile in prange((n_size + TILE - 1) // TILE):
@@ -97,9 +102,9 @@ def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     flat = x.reshape(-1, x.shape[-1]).float().contiguous()
     with profiled("nanoengine.gemv"):
         if flat.shape[0] > DECODE_MAX_ROWS and cpu_has_int8_matmul():
-            codes, xscale = quantize_rows(flat.numpy())
+            codes, xscale = quantize_blocks(flat.numpy(), flat.shape[1])
             dots = torch._int_mm(torch.from_numpy(codes), qweight.t())
-            out = dots.float() * (torch.from_numpy(xscale)[:, None] * scales)
+            out = dots.float() * (torch.from_numpy(xscale) * scales)
         else:
             out = torch.empty(flat.shape[0], qweight.shape[0], dtype=torch.float32)
             w8a8_kernel(flat.numpy(), qweight.numpy(), scales.numpy(), out.numpy())
