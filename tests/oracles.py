@@ -55,5 +55,7 @@ def torch_quantize_blocks(x: torch.Tensor, block_size: int) -> tuple[torch.Tenso
     codes ``[M, K]`` and scales ``[M, K / block_size]``."""
     blocks = x.view(x.shape[0], -1, block_size)
     absmax = blocks.abs().amax(dim=-1)
-    scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+    # a tensor divisor: PyTorch divides by a Python number as a multiply by its reciprocal,
+    # which can differ from a true division in the last bit
+    scales = torch.where(absmax > 0, absmax / torch.full_like(absmax, 127), torch.ones_like(absmax))
     return torch.round(blocks / scales[..., None]).to(torch.int8).view(x.shape), scales

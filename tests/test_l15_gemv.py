@@ -139,17 +139,14 @@ def test_an_engine_on_the_kernel_generates_what_the_reference_generates(zoo_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization", [None, "int4"])
-def test_smollm2_fused_gives_the_tokens_of_enforce_eager(quantization, monkeypatch):
-    """The bundled model in float32, dequantized or quantized to int4 as it loads (the C
-    kernel): the fused decode step and the module-by-module step choose the same 4 × 32
-    greedy tokens."""
+def test_smollm2_fused_gives_the_tokens_of_enforce_eager(monkeypatch):
+    """The bundled model in float32: the fused decode step and the module-by-module step
+    choose the same 4 × 32 greedy tokens (int4's fused step: the engine test above)."""
     fused_steps = _count_fused_steps(monkeypatch)
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     outputs = {}
     for enforce_eager in (True, False):
-        llm = LLM(dtype="float32", enforce_eager=enforce_eager, quantization=quantization, max_model_len=512,
-                  kv_cache_memory_bytes=2**25)
+        llm = LLM(dtype="float32", enforce_eager=enforce_eager, max_model_len=512, kv_cache_memory_bytes=2**25)
         outputs[enforce_eager] = [o.outputs[0].token_ids for o in llm.generate(SMOLLM2_PROMPTS, params, use_tqdm=False)]
     assert outputs[False] == outputs[True]
     assert len(fused_steps) >= 31
