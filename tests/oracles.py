@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 NEAR_TIE = 1e-4
@@ -55,7 +56,7 @@ def torch_quantize_blocks(x: torch.Tensor, block_size: int) -> tuple[torch.Tenso
     codes ``[M, K]`` and scales ``[M, K / block_size]``."""
     blocks = x.view(x.shape[0], -1, block_size)
     absmax = blocks.abs().amax(dim=-1)
-    # a tensor divisor: PyTorch divides by a Python number as a multiply by its reciprocal,
-    # which can differ from a true division in the last bit
-    scales = torch.where(absmax > 0, absmax / torch.full_like(absmax, 127), torch.ones_like(absmax))
+    # numpy's true division: PyTorch's vectorized division can be one ulp off it
+    true_division = torch.from_numpy(absmax.numpy() / np.float32(127))
+    scales = torch.where(absmax > 0, true_division, torch.ones_like(absmax))
     return torch.round(blocks / scales[..., None]).to(torch.int8).view(x.shape), scales
