@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 NEAR_TIE = 1e-4
@@ -56,7 +55,8 @@ def torch_quantize_blocks(x: torch.Tensor, block_size: int) -> tuple[torch.Tenso
     codes ``[M, K]`` and scales ``[M, K / block_size]``."""
     blocks = x.view(x.shape[0], -1, block_size)
     absmax = blocks.abs().amax(dim=-1)
-    # numpy's true division: PyTorch's vectorized division can be one ulp off it
-    true_division = torch.from_numpy(absmax.numpy() / np.float32(127))
+    # float32's correctly rounded quotient, through float64 (whose 53 bits make the second rounding
+    # exact): PyTorch's vectorized float32 division can be one ulp off it on some CPUs
+    true_division = (absmax.double() / 127).float()
     scales = torch.where(absmax > 0, true_division, torch.ones_like(absmax))
     return torch.round(blocks / scales[..., None]).to(torch.int8).view(x.shape), scales
