@@ -55,8 +55,8 @@ def torch_quantize_blocks(x: torch.Tensor, block_size: int) -> tuple[torch.Tenso
     codes ``[M, K]`` and scales ``[M, K / block_size]``."""
     blocks = x.view(x.shape[0], -1, block_size)
     absmax = blocks.abs().amax(dim=-1)
-    # float32's correctly rounded quotient, through float64 (whose 53 bits make the second rounding
-    # exact): PyTorch's vectorized float32 division can be one ulp off it on some CPUs
-    true_division = (absmax.double() / 127).float()
-    scales = torch.where(absmax > 0, true_division, torch.ones_like(absmax))
-    return torch.round(blocks / scales[..., None]).to(torch.int8).view(x.shape), scales
+    # Quotients in float64, rounded once (PyTorch's vectorized float32 division can be one ulp
+    # off a true division on some CPUs): the scale is float32's exactly rounded max|x| / 127
+    scales = torch.where(absmax > 0, (absmax.double() / 127).float(), torch.ones_like(absmax))
+    codes = torch.round(blocks.double() / scales.double()[..., None]).to(torch.int8)
+    return codes.view(x.shape), scales

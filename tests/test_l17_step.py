@@ -1,4 +1,5 @@
-"""Lesson 17: RMSNorm fused with the residual add equals the two steps it replaces.
+"""Lesson 17: RMSNorm fused with the residual add equals the two steps it replaces, and the
+persistent input batch gives the step lesson 06's inputs.
 
 - ``rms_norm_residual`` against the unfused PyTorch path (``RMSNorm.add_norm`` with no
   kernel) on random shapes, scales and dtypes: the new residual bit for bit, the normed rows
@@ -6,7 +7,9 @@
 - a tiny model's greedy tokens (the sequence recomputed at each step) are the same with the
   norms fused and unfused;
 - the fast path's loader fuses the norms, the reference path does not, a student copy without
-  the kernel falls back, and the profile files the kernel under elementwise work.
+  the kernel falls back, and the profile files the kernel under elementwise work;
+- the persistent batch's ids, positions, slots and block tables equal lesson 06's flattening
+  over random scheduler traffic, as rows shrink, change and are reused.
 """
 
 from __future__ import annotations
@@ -20,13 +23,18 @@ from hypothesis import strategies as st
 
 from nanoengine import LLM
 from nanoengine.attention.dense import NoCache
+from nanoengine.attention.metadata import build_attention_metadata
 from nanoengine.bench.profile import CATEGORIES, categorize, category_of
 from nanoengine.config import ModelConfig
 from nanoengine.model import load_model
 from nanoengine.model.layers import fused_norm
 from nanoengine.model.layers.fused_norm import rms_norm_residual, use_fused_norms
 from nanoengine.model.layers.norm import RMSNorm
+from nanoengine.sampling_params import SamplingParams
+from nanoengine.scheduler.output import ScheduledRequest
 from nanoengine.viz import step_waterfall
+from nanoengine.worker.input_batch import InputBatch
+from tests.traffic import ARRIVALS, scheduler_traffic
 
 pytestmark = pytest.mark.l17
 
@@ -135,3 +143,43 @@ def test_the_waterfall_draws_each_runs_categories_per_step():
         assert widths == pytest.approx([row["ms_per_step"] for row in rep["categories"]])
     labels = {text.get_text() for text in ax.texts}
     assert {"20.0 ms", "11.0 ms"} <= labels  # each bar's total, per step
+
+
+@given(arrivals=ARRIVALS, num_blocks=st.integers(6, 24), block_size=st.sampled_from([1, 2, 4]),
+       budget=st.integers(4, 24), prefix_caching=st.booleans(), aborts=st.sets(st.integers(0, 30), max_size=4))
+def test_the_persistent_batch_gives_lesson_06s_inputs(arrivals, num_blocks, block_size, budget, prefix_caching,
+                                                       aborts):
+    """Over random traffic (chunks, preemption, aborts, prefix-cache hits), the inputs written
+    in place equal lesson 06's, built afresh each step: ids, positions, slots, padded tables."""
+    batch = InputBatch(block_size)
+    for plan in scheduler_traffic(arrivals, num_blocks, block_size, budget, prefix_caching, aborts):
+        batch.forget(plan.finished_request_ids + plan.preempted_request_ids)
+        if not plan.scheduled:
+            continue
+        input_ids, positions, metadata = batch.prepare(plan.scheduled)
+        expected = build_attention_metadata([s.block_table for s in plan.scheduled],
+                                            [s.num_computed_tokens for s in plan.scheduled],
+                                            [len(s.token_ids) for s in plan.scheduled], block_size)
+        assert input_ids.tolist() == [t for s in plan.scheduled for t in s.token_ids]
+        assert positions.tolist() == [p for s in plan.scheduled
+                                      for p in range(s.num_computed_tokens, s.num_computed_tokens + len(s.token_ids))]
+        assert metadata.slot_mapping.tolist() == expected.slot_mapping.tolist()
+        assert torch.equal(metadata.block_tables, expected.block_tables)
+        assert (metadata.query_start_loc, metadata.seq_lens) == (expected.query_start_loc, expected.seq_lens)
+
+
+def test_a_row_follows_its_table_as_it_shrinks_and_is_reused():
+    """Rejected guesses give blocks back and a shared block is copied on write; a finished
+    request's row goes to the next request, with nothing of the old table left in it."""
+    batch = InputBatch(2)
+    params = SamplingParams()
+    for table, position in [([3, 4, 5], 4), ([3, 4], 3), ([3, 8, 9], 5)]:
+        scheduled = [ScheduledRequest("a", [1], position, table, True, params, [])]
+        _, _, metadata = batch.prepare(scheduled)
+        assert metadata.block_tables.tolist() == [table]
+        assert metadata.slot_mapping.tolist() == [table[position // 2] * 2 + position % 2]
+    batch.forget(["a"])
+    _, _, metadata = batch.prepare([ScheduledRequest("b", [1], 0, [7], True, params, []),
+                                    ScheduledRequest("c", [1, 2], 0, [6, 2, 1], True, params, [])])
+    assert metadata.block_tables.tolist() == [[7, 0, 0], [6, 2, 1]]
+    assert batch.rows == {"b": 0, "c": 1}

@@ -3,7 +3,8 @@
 The engine's process is rank 0, the *driver*: it schedules, and it holds the first share of
 the first pipeline stage, whose runner samples. The other ranks are worker processes (spawned
 here, or started by torchrun beside the driver; see ``nanoengine.parallel.launch``). Each
-step the driver broadcasts the ``SchedulerOutput`` to every rank over a gloo group; every
+step the driver broadcasts the ``SchedulerOutput`` to every rank over a gloo group, as a
+``PlanDelta`` (only what changed since the last step; each rank rebuilds the plan); every
 rank runs the step on its share (the model's own collectives keep them in lockstep), and
 the driver returns its own runner's output: the sampled tokens are read on rank 0.
 
@@ -35,6 +36,7 @@ from nanoengine.model.loader import LoadedModel, load_model
 from nanoengine.parallel.state import RankLayout, init_distributed
 from nanoengine.platform import resolve_device
 from nanoengine.scheduler.output import SchedulerOutput
+from nanoengine.scheduler.plan_delta import PlanDecoder, PlanEncoder
 from nanoengine.worker.model_runner import ModelRunner, ModelRunnerOutput, runner_for
 
 logger = logging.getLogger("nanoengine")
@@ -121,8 +123,9 @@ def run_worker(rank: int, config: ModelConfig, parallel: ParallelConfig, init_me
         if start is not None:
             num_blocks, block_size = start
             runner = runner_for(loaded, num_blocks, block_size, seed)
-            while (plan := _broadcast(None, control)) is not None:
-                runner.execute(plan)
+            decoder = PlanDecoder()
+            while (delta := _broadcast(None, control)) is not None:
+                runner.execute(decoder.decode(delta))
     except Exception:  # the driver sees a broken connection; the reason is printed here
         print(f"nanoengine rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -160,6 +163,7 @@ class DistributedExecutor:
             self.shutdown()
             raise
         self.runner: ModelRunner | None = None
+        self.encoder = PlanEncoder()
 
     def _spawn_workers(self, config: ModelConfig, parallel: ParallelConfig, init_method: str, seed: int) -> None:
         """Start ranks 1.. as processes. numba sizes its thread pool once, at import, and an
@@ -186,7 +190,7 @@ class DistributedExecutor:
         self.runner = runner
 
     def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
-        self._send(plan)
+        self._send(self.encoder.encode(plan))
         try:
             return self.runner.execute(plan)
         except RuntimeError as exc:

@@ -37,12 +37,17 @@ from nanoengine.quant.int8 import keep_int8_form
 TILE = 16
 
 
-@numba.njit(cache=True)  # no fastmath: ``x / scale`` must round as PyTorch's division does
+# Both quotients in float64, rounded once: a fused-decode caller compiles this with fastmath (its
+# flags reach callees), which may turn a float32 division into a multiply by a rounded reciprocal,
+# one ulp off. A float64 quotient of float32 values is far from every float32 rounding boundary,
+# so the scale is float32's exactly rounded ``max|x| / 127`` and each code ``x / scale`` rounded
+# once, whatever the flags (only an exact half could round differently; random data has none).
+@numba.njit(cache=True)
 def quantize_blocks(x, block_size):  # noqa: ANN001, ANN202
     """Float32 rows ``[M, K]`` -> (int8 codes ``[M, K]``, float32 scales ``[M, K / block_size]``),
     one scale per block of ``block_size`` inputs of a row (``K``: one per row, as W8A8 takes
     them; 32: GGUF's groups, as W4A8 takes them): ``scale = max|x| / 127`` over the block (1
-    for a block of zeros), ``code = round(x / scale)``, half to even."""
+    for a block of zeros), ``code = round(x / scale)``, half to even, each quotient exactly rounded."""
     rows, k_size = x.shape
     blocks = k_size // block_size
     codes = np.empty((rows, k_size), np.int8)
@@ -53,9 +58,9 @@ def quantize_blocks(x, block_size):  # noqa: ANN001, ANN202
             absmax = np.float32(0.0)
             for k in range(first, first + block_size):
                 absmax = max(absmax, abs(x[m, k]))
-            scale = absmax / np.float32(127.0) if absmax > 0 else np.float32(1.0)
+            scale = np.float32(np.float64(absmax) / 127.0) if absmax > 0 else np.float32(1.0)
             for k in range(first, first + block_size):
-                codes[m, k] = np.int8(np.rint(x[m, k] / scale))
+                codes[m, k] = np.int8(np.rint(np.float64(x[m, k]) / np.float64(scale)))
             scales[m, b] = scale
     return codes, scales
 

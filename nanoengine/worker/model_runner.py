@@ -23,6 +23,7 @@ from nanoengine.sampling import SamplingRow, TokenLogprobs, gather_logprobs, sam
 from nanoengine.scheduler.output import ScheduledRequest, SchedulerOutput
 from nanoengine.spec_decode.proposer import Proposal, ProposalRequest, Proposer
 from nanoengine.spec_decode.verifier import verify
+from nanoengine.worker.input_batch import InputBatch
 
 
 @dataclasses.dataclass(slots=True)
@@ -56,12 +57,16 @@ def local_kv_shape(loaded: LoadedModel) -> tuple[int, int, int]:
 def runner_for(loaded: LoadedModel, num_blocks: int, block_size: int, seed: int) -> ModelRunner:
     """A runner over ``loaded`` with a paged KV cache of ``num_blocks`` blocks on its device,
     attending with the backend its device (and fast path, or batch-invariant mode) calls for;
-    batch-invariant mode takes no substitute for its kernel."""
+    batch-invariant mode takes no substitute for its kernel. The fast path keeps its inputs in
+    a persistent batch (lesson 17) unless ``enforce_eager`` asks for lesson 06's step."""
     layers, kv_heads, head_dim = local_kv_shape(loaded)
     kv_cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, loaded.dtype, loaded.device)
     backend = load_backend(default_backend(loaded.device, loaded.fast_path, loaded.batch_invariant), loaded.dtype,
                            fallback=None if loaded.batch_invariant else "torch_batched")
-    return ModelRunner(loaded.model, kv_cache, backend, seed, samples=loaded.layout.pp.is_first)
+    runner = ModelRunner(loaded.model, kv_cache, backend, seed, samples=loaded.layout.pp.is_first)
+    if loaded.fast_path and not loaded.enforce_eager:
+        runner.input_batch = InputBatch(block_size, loaded.device)
+    return runner
 
 
 class ModelRunner:
@@ -74,7 +79,8 @@ class ModelRunner:
     Under tensor parallelism every rank runs the same steps on its share of the model (and
     samples the same tokens, from the same gathered logits); ``samples=False``: a later
     pipeline stage, which only runs its layers (lesson 12). ``lora``: the adapters it applies
-    (lesson 14), set up by an engine with LoRA enabled.
+    (lesson 14), set up by an engine with LoRA enabled. ``input_batch``: where the fast path
+    keeps its step inputs between steps (lesson 17; None: each step is built afresh).
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class ModelRunner:
         self.proposer: Proposer | None = None  # lesson 10: set by an engine that speculates
         self.lora: LoRAManager | None = None  # lesson 14: set by an engine with LoRA enabled
         self.images: ImageInputs | None = None  # lesson 16: set by an engine over a multimodal model
+        self.input_batch: InputBatch | None = None  # lesson 17: set by runner_for on the fast path
 
     def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -107,6 +114,8 @@ class ModelRunner:
             self.images.forget(plan.finished_request_ids)
         if self.proposer is not None:
             self.proposer.forget(plan.finished_request_ids + plan.preempted_request_ids)
+        if self.input_batch is not None:
+            self.input_batch.forget(plan.finished_request_ids + plan.preempted_request_ids)
         self.kv_cache.copy_blocks(plan.blocks_to_copy)
         if not plan.scheduled:
             return ModelRunnerOutput()
@@ -135,6 +144,10 @@ class ModelRunner:
     def _run_model(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, AttentionMetadata]:
         """Flatten the scheduled chunks into one batch of tokens and run the model over it:
         the hidden state of every token, and the metadata that says whose rows are whose."""
+        if self.input_batch is not None:  # lesson 17: the same inputs, written in place
+            input_ids, positions, metadata = self.input_batch.prepare(scheduled)
+            attn = PagedAttention(self.kv_cache, metadata, self.attention_fn)
+            return self.model(input_ids, positions, attn), metadata
         # BEGIN SOLUTION L06.T2
         input_ids = [t for s in scheduled for t in s.token_ids]
         positions = [p for s in scheduled for p in range(s.num_computed_tokens, s.num_computed_tokens + len(s.token_ids))]
