@@ -9,7 +9,9 @@ persistent input batch gives the step lesson 06's inputs.
 - the fast path's loader fuses the norms, the reference path does not, a student copy without
   the kernel falls back, and the profile files the kernel under elementwise work;
 - the persistent batch's ids, positions, slots and block tables equal lesson 06's flattening
-  over random scheduler traffic, as rows shrink, change and are reused.
+  over random scheduler traffic, as rows shrink, change and are reused;
+- an engine with the fused decode step warms it up at start, at vLLM's bucket sizes, and
+  says how long it took.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from nanoengine.sampling_params import SamplingParams
 from nanoengine.scheduler.output import ScheduledRequest
 from nanoengine.viz import step_waterfall
 from nanoengine.worker.input_batch import InputBatch
+from nanoengine.worker.model_runner import decode_buckets
 from tests.traffic import ARRIVALS, scheduler_traffic
 
 pytestmark = pytest.mark.l17
@@ -183,3 +186,65 @@ def test_a_row_follows_its_table_as_it_shrinks_and_is_reused():
                                     ScheduledRequest("c", [1, 2], 0, [6, 2, 1], True, params, [])])
     assert metadata.block_tables.tolist() == [[7, 0, 0], [6, 2, 1]]
     assert batch.rows == {"b": 0, "c": 1}
+
+
+def test_decode_buckets_are_vllms_capture_sizes():
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(16) == [1, 2, 4, 8, 16]
+    assert decode_buckets(6) == [1, 2, 4, 6]
+    assert decode_buckets(40) == [1, 2, 4, 8, 16, 24, 32, 40]
+
+
+def test_an_engine_with_the_fused_step_warms_it_up_before_its_first_request(zoo_paths, caplog):
+    """The fused step compiles at start (logged, timed) and a warmed engine's first request
+    runs no compile; without the fused step (enforce_eager) nothing is warmed. The dummy steps
+    write slot 0 only, which a request then overwrites: greedy tokens equal the eager path's."""
+    path = str(zoo_paths["llama-gqa"])
+    engine_log = logging.getLogger("nanoengine")
+    engine_log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, "nanoengine")
+    try:
+        warmed = LLM(path, dtype="float32", max_num_seqs=4, kv_cache_memory_bytes=1 << 22)
+    finally:
+        engine_log.removeHandler(caplog.handler)
+    assert warmed.llm_engine.warmup_seconds > 0
+    assert "warm-up: decode step at batch sizes 1, 2, 4 in" in caplog.text
+    eager = _eager_fast_engine(path)
+    assert eager.llm_engine.warmup_seconds is None
+    params = SamplingParams(max_tokens=6, temperature=0)
+    prompts = [{"prompt_token_ids": [3, 5, 8, 13]}, {"prompt_token_ids": [21, 34]}]
+    assert ([o.outputs[0].token_ids for o in warmed.generate(prompts, params)]
+            == [o.outputs[0].token_ids for o in eager.generate(prompts, params)])
+
+
+def test_a_cached_kernels_key_follows_every_file_it_compiles_in(tmp_path):
+    """The fused step's disk cache is keyed by its own file and by the files of the kernels it
+    compiles in: a learner's edit of the attention kernel (L15.T1) must recompile it."""
+    import importlib.util
+
+    from nanoengine.numba_cache import _DependentSourcesLocator, cached_with
+
+    def module(name: str, source: str):
+        path = tmp_path / f"{name}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded, path
+
+    kernel, kernel_path = module("kernel_dep", "def kernel(x):\n    return x + 1\n")
+    caller, caller_path = module("caller_dep", "def step(x):\n    return x\n")
+    salt = ["c"]
+    cached_with(kernel, salt=lambda: salt[0])(caller.step)
+
+    def stamp() -> bytes:
+        return _DependentSourcesLocator.from_function(caller.step, str(caller_path)).get_source_stamp()
+
+    first = stamp()
+    assert stamp() == first
+    kernel_path.write_text("def kernel(x):\n    return x + 2\n")
+    edited = stamp()
+    assert edited != first
+    salt[0] = "numba"
+    assert stamp() != edited
+    assert _DependentSourcesLocator.from_function(kernel.kernel, str(kernel_path)) is None  # not marked: numba's own

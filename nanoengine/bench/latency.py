@@ -201,6 +201,9 @@ def main(args: argparse.Namespace) -> int:
           f"tp={loaded.layout.tp.size} pp={loaded.layout.pp.size} batch_size={args.batch_size} "
           f"{f'dataset={args.dataset_path}' if args.dataset_path else f'input_len={args.input_len}'} "
           f"output_len={args.output_len}")
+    warmup_s = getattr(engine, "warmup_seconds", None)  # lesson 17: the engine's warm-up at start
+    if warmup_s is not None:
+        print(f"warm-up at start: {warmup_s:.1f} s")
     print(format_summary("end-to-end latency", latency, "s"))
     print("request latency: " + ", ".join(f"{k} {v:.3f} s" for k, v in request_latency.items()))
     print(format_summary("prefill (time to first token)", [p * 1e3 for p in prefill], "ms"))
@@ -220,6 +223,7 @@ def main(args: argparse.Namespace) -> int:
         "tensor_parallel_size": loaded.layout.tp.size,
         "pipeline_parallel_size": loaded.layout.pp.size,
         "engine": args.engine,
+        "warmup_s": warmup_s,
         "batch_size": args.batch_size,
         "input_len": args.input_len,
         "output_len": args.output_len,

@@ -39,7 +39,7 @@ from nanoengine.scheduler import Scheduler
 from nanoengine.spec_decode.factory import build_proposer, load_draft
 from nanoengine.spec_decode.stats import SpecDecodeStats
 from nanoengine.trace import Trace
-from nanoengine.worker.model_runner import local_kv_shape, runner_for
+from nanoengine.worker.model_runner import decode_buckets, local_kv_shape, runner_for
 
 logger = logging.getLogger("nanoengine")
 
@@ -143,6 +143,7 @@ class LLMEngine:
                 speculative, draft, num_blocks, cache.block_size, self.runner.attention_fn, self.runner.generator
             )
         self.max_num_seqs = scheduler.max_num_seqs
+        self.warmup_seconds = self._warm_up()
         self.states: dict[str, RequestState] = {}
         self.owner: dict[str, str] = {}
         self._unloading: set[int] = set()  # adapters removed while requests still use them (lesson 14)
@@ -152,6 +153,19 @@ class LLMEngine:
             per_token, self.scheduler.token_budget, scheduler.max_num_seqs,
             "on" if cache.enable_prefix_caching else "off",
         )
+
+    def _warm_up(self) -> float | None:
+        """Lesson 17: a model with a fused decode step runs it once per batch-size bucket (1, 2,
+        4, ... up to the rows it takes and ``max_num_seqs``) before serving, and logs the time:
+        on a CPU numba compiles the step once for every size (it specializes on types, not
+        shapes); a GPU backend would capture one graph per bucket here (N18). None: no warm-up."""
+        fused = getattr(getattr(self.loaded.model, "model", None), "fused_decode", None)
+        if fused is None or self.runner.lora is not None:  # LoRA: the fused step stands aside
+            return None
+        sizes = decode_buckets(min(fused.max_rows, self.max_num_seqs))
+        seconds = self.runner.warm_up_decode(sizes)
+        logger.info("warm-up: decode step at batch sizes %s in %.1f s", ", ".join(map(str, sizes)), seconds)
+        return seconds
 
     def add_request(
         self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None,

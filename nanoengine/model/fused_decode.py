@@ -35,11 +35,15 @@ from numba import prange, types
 from numba.extending import overload
 from torch import nn
 
+from nanoengine.attention import numba_cpu
 from nanoengine.attention.numba_cpu import _decode_kernel, paged_attention as numba_attention
 from nanoengine.attention.torch_paged import PagedAttention
+from nanoengine.model.layers import cpu_gemv
 from nanoengine.model.layers.cpu_gemv import kernel_array, matmul_stored
 from nanoengine.model.layers.linear import DECODE_MAX_ROWS
+from nanoengine.numba_cache import cached_with
 from nanoengine.profiling import profiled
+from nanoengine.quant import grouped_gemv, native, w8a8 as w8a8_module
 from nanoengine.quant.grouped_gemv import int4_kernel, w4a8_kernel
 from nanoengine.quant.int4_kernel import Int4Weight
 from nanoengine.quant.w8a8 import W8A8LinearMethod, w8a8_kernel
@@ -139,10 +143,10 @@ def _silu_mul(gate_up, out):  # noqa: ANN001, ANN202
             out[m, i] = g / (np.float32(1.0) + math.exp(-g)) * gate_up[m, inter + i]
 
 
-# Not cached on disk: numba's cache is keyed by this file alone, and this function compiles
-# in the kernels it calls from other files (the attention kernel is lesson 15's task L15.T1),
-# so a cached copy could go on running a kernel the learner has since changed.
-@numba.njit(fastmath=True)
+# Cached on disk keyed by the files of the kernels it compiles in (numba's own key is this file
+# alone; the attention kernel is lesson 15's task L15.T1), and by whether the C kernels built.
+@numba.njit(fastmath=True, cache=True)
+@cached_with(numba_cpu, cpu_gemv, grouped_gemv, w8a8_module, native, salt=lambda: str(native.library() is not None))
 def _decode_stack(
     x, positions, slots, block_tables, seq_lens, cos, sin, k_pool, v_pool,
     w_in, w_post, w_qkv, s_qkv, w_o, s_o, w_gate_up, s_gate_up, w_down, s_down, w_final,

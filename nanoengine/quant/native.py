@@ -4,7 +4,10 @@ The decode kernels of ``gemv_kernels.c`` need vector instructions that numba doe
 (nibble unpacking, short per-group loops, int8 x int8 dot products), so they are C with AVX2
 intrinsics (and plain loops where AVX2 is missing). It is compiled with the system's C compiler for the CPU it runs on
 (``-march=native``) into the cache folder, keyed by the source and the CPU's flags, so later
-starts load it in milliseconds; numba-compiled code calls it through ``ctypes``.
+starts load it in milliseconds. numba-compiled code calls its functions by name, as external
+symbols of this process (the library is loaded into LLVM's symbol table), not through ctypes:
+a ctypes function is an address in this process, which numba cannot cache to disk, while a
+named symbol is resolved again when cached code is loaded (the fused decode step is cached).
 
 No compiler, or a failed build, is not an error: :func:`library` returns None and the numba
 kernels of ``grouped_gemv`` run instead (slower, same results up to rounding).
@@ -12,14 +15,17 @@ kernels of ``grouped_gemv`` run instead (slower, same results up to rounding).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+import types
 from pathlib import Path
+
+import llvmlite.binding
+from numba import types as nb
 
 from nanoengine.logger import init_logger
 from nanoengine.model.tokenizer_cache import cache_root
@@ -55,27 +61,29 @@ def _build(compiler: str) -> Path:
     return target
 
 
+_POINTER, _SIZE = nb.uintp, nb.int64
+_SIGNATURES = {
+    # (x, xscale or NULL, xsum, rows, k, codes, scales, mins, group_size, n_first, n_last, out, n_total)
+    "int4_rows": nb.void(*[_POINTER] * 3, _SIZE, _SIZE, *[_POINTER] * 3, _SIZE, _SIZE, _SIZE, _POINTER, _SIZE),
+    "int8_grouped_rows": nb.void(*[_POINTER] * 3, _SIZE, _SIZE, *[_POINTER] * 3, _SIZE, _SIZE, _SIZE, _POINTER, _SIZE),
+    # (x codes, x scales, rows, k, w codes, w scales, n_first, n_last, out, n_total)
+    "int8_int8_rows": nb.void(_POINTER, _POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _SIZE, _SIZE, _POINTER, _SIZE),
+}
+
+
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """``gemv_kernels.c`` built and loaded, its functions typed for ctypes (numba calls them as
-    such), or None when it cannot be built here (``NANOENGINE_NO_NATIVE=1`` also says None,
-    to run the fallback)."""
+def library() -> types.SimpleNamespace | None:
+    """``gemv_kernels.c`` built and loaded, each of its functions as a numba external function
+    of the same name (callable from numba-compiled code only), or None when it cannot be built
+    here (``NANOENGINE_NO_NATIVE=1`` also says None, to run the fallback)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if os.environ.get("NANOENGINE_NO_NATIVE") or compiler is None:
         return None
     try:
-        loaded = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as error:
+        llvmlite.binding.load_library_permanently(str(_build(compiler)))
+    except (RuntimeError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
         logger.warning("the C decode kernels could not be built (%s); using the fallbacks", detail)
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    # (x, xscale or NULL, xsum, rows, k, codes, scales, mins, group_size, n_first, n_last, out, n_total)
-    for function in (loaded.int4_rows, loaded.int8_grouped_rows):
-        function.argtypes = [pointer, pointer, pointer, size, size, pointer, pointer, pointer, size, size, size,
-                             pointer, size]
-        function.restype = None
-    # (x codes, x scales, rows, k, w codes, w scales, n_first, n_last, out, n_total)
-    loaded.int8_int8_rows.argtypes = [pointer, pointer, size, size, pointer, pointer, size, size, pointer, size]
-    loaded.int8_int8_rows.restype = None
-    return loaded
+    return types.SimpleNamespace(**{name: nb.ExternalFunction(name, signature)
+                                    for name, signature in _SIGNATURES.items()})

@@ -7,6 +7,7 @@ runner can later sit in another process or on each tensor-parallel rank.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -54,6 +55,13 @@ def local_kv_shape(loaded: LoadedModel) -> tuple[int, int, int]:
     return layers, config.num_key_value_heads // layout.tp.size, head_dim_of(config)
 
 
+def decode_buckets(max_size: int) -> list[int]:
+    """The batch sizes a step is prepared for ahead of time, vLLM's capture sizes: 1, 2, 4, then
+    multiples of 8, up to ``max_size`` (and ``max_size`` itself)."""
+    sizes = [size for size in (1, 2, 4, *range(8, max_size + 1, 8)) if size <= max_size]
+    return sizes if sizes[-1] == max_size else [*sizes, max_size]
+
+
 def runner_for(loaded: LoadedModel, num_blocks: int, block_size: int, seed: int) -> ModelRunner:
     """A runner over ``loaded`` with a paged KV cache of ``num_blocks`` blocks on its device,
     attending with the backend its device (and fast path, or batch-invariant mode) calls for;
@@ -98,6 +106,24 @@ class ModelRunner:
         self.lora: LoRAManager | None = None  # lesson 14: set by an engine with LoRA enabled
         self.images: ImageInputs | None = None  # lesson 16: set by an engine over a multimodal model
         self.input_batch: InputBatch | None = None  # lesson 17: set by runner_for on the fast path
+
+    @torch.inference_mode()
+    def warm_up_decode(self, batch_sizes: list[int]) -> float:
+        """Lesson 17: run a decode step (and its logits) at each batch size, before any request,
+        so that what compiles on first use compiles now, not inside a user's first token: the
+        fused decode step, which numba compiles at first call in each process (it is not cached
+        on disk: it calls the C kernels by their addresses in this process), and any kernel
+        still to load from numba's cache. Every dummy sequence writes its one token to slot 0,
+        which no request owns yet. Returns the seconds it took."""
+        start = time.perf_counter()
+        for size in batch_sizes:
+            metadata = build_attention_metadata([[0]] * size, [0] * size, [1] * size, self.kv_cache.block_size,
+                                                self.device)
+            zeros = torch.zeros(size, dtype=torch.int64, device=self.device)
+            hidden = self.model(zeros, zeros, PagedAttention(self.kv_cache, metadata, self.attention_fn))
+            if self.samples:
+                self.model.compute_logits(hidden)
+        return time.perf_counter() - start
 
     def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
