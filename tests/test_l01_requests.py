@@ -178,3 +178,27 @@ def test_a_token_view_reads_like_the_concatenated_list(prompt, output, start, st
     else:
         with pytest.raises(IndexError):
             view[index]
+
+
+@given(tokens=st.lists(st.integers(3, 300), min_size=1, max_size=12), stop_length=st.integers(1, 3))
+def test_the_output_processor_reads_the_request_and_never_writes_it(llm, tokens, stop_length):
+    """The request's owner (the scheduler, or this loop) appends each token and ends the
+    request; the processor only reads it, and reports a stop string instead of ending it."""
+    import dataclasses
+
+    from nanoengine.engine.output_processor import OutputProcessor
+    from nanoengine.engine.stop_checker import append_token
+    from nanoengine.request import Request
+
+    tokenizer = llm.loaded.tokenizer
+    stop = tokenizer.decode(tokens)[-stop_length:]  # the text's own tail: a stop string the run completes
+    request = Request("r", None, [5, 6], SamplingParams(max_tokens=len(tokens), stop=[stop] if stop.strip() else []),
+                      frozenset(), 0.0)
+    processor = OutputProcessor(request, tokenizer, max_model_len=64)
+    for token in tokens:
+        ended = append_token(request, token, 64)
+        before = dataclasses.astuple(request)
+        stop_found = processor.observe(token, None, ended)
+        assert dataclasses.astuple(request) == before
+        if ended or stop_found is not None:
+            break

@@ -347,6 +347,7 @@ def test_delta_text_holds_back_what_may_start_a_stop_string(llm_for):
     keeps back its last character (it might begin the stop string), and the sequence ends
     with the text before the stop string, nothing of it ever sent."""
     from nanoengine.engine.output_processor import OutputProcessor
+    from nanoengine.engine.stop_checker import append_token, stop_on_string
     from nanoengine.request import Request
 
     tokenizer = llm_for(NAME).loaded.tokenizer
@@ -355,10 +356,19 @@ def test_delta_text_holds_back_what_may_start_a_stop_string(llm_for):
     first_text, second_text = tokenizer.decode([first]), tokenizer.decode([first, second])[len(tokenizer.decode([first])):]
     stop = first_text[-1] + second_text[0]
     params = SamplingParams(max_tokens=4, stop=[stop], output_kind=RequestOutputKind.DELTA)
-    processor = OutputProcessor(Request("s", None, [5, 6], params, frozenset(), 0.0), tokenizer, max_model_len=64)
-    processor.process_token(first)
+    request = Request("s", None, [5, 6], params, frozenset(), 0.0)
+    processor = OutputProcessor(request, tokenizer, max_model_len=64)
+
+    def deliver(token: int) -> None:  # as the engine does: the owner appends, the processor reads
+        ended = append_token(request, token, 64)
+        stop = processor.observe(token, None, ended)
+        if stop is not None:
+            stop_on_string(request, stop)
+
+    deliver(first)
     assert processor.delta().text == first_text[:-1]
-    assert processor.process_token(second)
+    deliver(second)
+    assert request.status.finished and request.stop_reason == stop
     assert processor.delta().text == "" and processor.text == first_text[:-1]
 
 

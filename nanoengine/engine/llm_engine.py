@@ -270,7 +270,11 @@ class LLMEngine:
                 processor = state.sequences[child_id]
                 if processor.request.status.finished:
                     continue  # it stopped on an earlier token of the same step (a guess past a stop)
-                if processor.process_token(token, entry):
+                ended = self.scheduler.append_token(child_id, token)
+                stop = processor.observe(token, entry, ended)
+                if stop is not None:
+                    self.scheduler.stop_on_string(child_id, stop)
+                if ended or stop is not None:
                     self.scheduler.finish_request(child_id)
                     del self.owner[child_id]
         outputs = []

@@ -20,6 +20,7 @@ from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
 from nanoengine.cache.kv_cache_manager import KVCacheManager
 from nanoengine.engine.inputs import Prompt, check_params_for_model, make_request
 from nanoengine.engine.output_processor import RequestState
+from nanoengine.engine.stop_checker import append_token, stop_on_string
 from nanoengine.lora.request import LoRARequest
 from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel
@@ -223,7 +224,11 @@ class NaiveEngine:
                 return []
             self.current = self._start(self.queue.popleft())
         request, state, stream = self.current
-        state.sequences[request.request_id].process_token(next(stream))
+        token = next(stream)  # this loop owns its request: it appends the token, and ends it
+        ended = append_token(request, token, self.loaded.max_model_len)
+        stop = state.sequences[request.request_id].observe(token, None, ended)
+        if stop is not None:
+            stop_on_string(request, stop)
         if state.finished:
             stream.close()  # frees a paged request's blocks now, not when garbage-collected
             self.current = None

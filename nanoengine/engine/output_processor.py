@@ -12,12 +12,10 @@ is what that kind asks for.
 
 from __future__ import annotations
 
-import time
-
 from transformers import PreTrainedTokenizerBase
 
 from nanoengine.engine.detokenizer import IncrementalDetokenizer
-from nanoengine.engine.stop_checker import check_token_stop, find_stop_string
+from nanoengine.engine.stop_checker import find_stop_string
 from nanoengine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from nanoengine.request import Request, RequestStatus
 from nanoengine.sampling import TokenLogprobs
@@ -64,10 +62,10 @@ class TextStream:
 
 
 class OutputProcessor:
-    """One sequence's text, logprobs and stopping state.
+    """One sequence's text and logprobs, read from its request (which its owner writes).
 
     Invariants: ``text`` is the sequence's output text so far (see :class:`TextStream`); once
-    the sequence has finished, no token is processed. ``sent_tokens`` / ``sent_chars``: how
+    the sequence has finished, no token is observed. ``sent_tokens`` / ``sent_chars``: how
     many of its tokens (and logprobs) and text characters earlier ``DELTA`` outputs carried.
     """
 
@@ -88,25 +86,20 @@ class OutputProcessor:
     def text(self) -> str:
         return "" if self.text_stream is None else self.text_stream.text
 
-    def process_token(self, token: int, logprobs: TokenLogprobs | None = None) -> bool:
-        """Append ``token`` to the sequence, update its text and status; True if it ended here."""
+    def observe(self, token: int, logprobs: TokenLogprobs | None, ended: bool) -> str | None:
+        """Take the sequence's newest token, which its owner has just appended to the request
+        (``ended``: the token ended it: EOS, a stop token or a length limit): its logprobs and
+        its text. Returns the stop string the token completed, if any; the owner then ends the
+        sequence there (:func:`~nanoengine.engine.stop_checker.stop_on_string`). Nothing here
+        writes the request."""
         request = self.request
-        if request.status.finished:
-            raise RuntimeError(f"request {request.request_id} has already finished")
-        request.output_token_ids.append(token)
-        request.first_token_time = request.first_token_time or time.monotonic()
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(position_logprobs(logprobs, self.tokenizer))
             self.cumulative_logprob += logprobs.logprobs[0]
-        stopped = check_token_stop(request, self.max_model_len)
-        if self.text_stream is not None:
-            by_token = request.status == RequestStatus.FINISHED_STOPPED
-            stop = self.text_stream.add(token, len(request.output_token_ids), stopped, by_token)
-            if stop is not None:
-                request.stop_reason, request.status = stop, RequestStatus.FINISHED_STOPPED
-        if request.status.finished:
-            request.finished_time = time.monotonic()
-        return request.status.finished
+        if self.text_stream is None:
+            return None
+        by_token = request.status == RequestStatus.FINISHED_STOPPED
+        return self.text_stream.add(token, len(request.output_token_ids), ended, by_token)
 
     def completion(self) -> CompletionOutput:
         """The sequence so far (copies, so later tokens do not leak into it)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from nanoengine.request import Request, RequestStatus
 
 
@@ -39,3 +41,23 @@ def check_token_stop(request: Request, max_model_len: int) -> bool:
         request.status = RequestStatus.FINISHED_LENGTH
         return True
     return False
+
+
+def append_token(request: Request, token: int, max_model_len: int) -> bool:
+    """Append a sampled token to ``request`` and finish it if the token ends it (EOS, a stop
+    token, a length limit); return True if it did. Only the request's owner calls this: the
+    scheduler in lesson 06's engine, the engine itself in lessons 01–04's loop. The output
+    processor reads the request and reports a stop string (:func:`stop_on_string`) instead
+    of writing it, so one place decides a request's state."""
+    request.output_token_ids.append(token)
+    request.first_token_time = request.first_token_time or time.monotonic()
+    if not check_token_stop(request, max_model_len):
+        return False
+    request.finished_time = time.monotonic()
+    return True
+
+
+def stop_on_string(request: Request, stop: str) -> None:
+    """Finish ``request`` on the stop string its text just completed (the owner's write)."""
+    request.stop_reason, request.status = stop, RequestStatus.FINISHED_STOPPED
+    request.finished_time = time.monotonic()
