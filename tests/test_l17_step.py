@@ -248,3 +248,17 @@ def test_a_cached_kernels_key_follows_every_file_it_compiles_in(tmp_path):
     salt[0] = "numba"
     assert stamp() != edited
     assert _DependentSourcesLocator.from_function(kernel.kernel, str(kernel_path)) is None  # not marked: numba's own
+
+
+def test_the_decode_attention_custom_op_passes_torch_librarys_checks():
+    """``torch.ops.nanoengine.decode_attention`` is what a compiled graph calls: its schema,
+    its fake (shape-only) implementation and its result agree with the kernel's."""
+    from nanoengine.attention.numba_cpu import decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 9, 64, generator=generator)
+    k_cache, v_cache = (torch.randn(10, 16, 3, 64, generator=generator) for _ in range(2))
+    tables, lengths = torch.arange(8, dtype=torch.int32).view(4, 2), torch.tensor([5, 17, 32, 1])
+    args = (q, k_cache, v_cache, tables, lengths, 0.125)
+    torch.library.opcheck(torch.ops.nanoengine.decode_attention.default, args)
+    assert torch.equal(torch.ops.nanoengine.decode_attention(*args), decode_attention(*args))

@@ -1,4 +1,5 @@
 # Run from a checkout: python docs/bench/n13d_compile_probe.py 1 8 32   (batch sizes; SmolLM2 float32, module path)
+# WRITE_IN_OP=1: the K/V write inside the opaque op (as vLLM's attention op does); else traced.
 """Probe: does torch.compile (inductor) make a batch decode step of SmolLM2 (float32, module
 path) faster on this CPU, with paged attention as an opaque custom op?"""
 import os
@@ -8,26 +9,33 @@ import torch
 from nanoengine.config import ModelConfig
 from nanoengine.model import load_model
 
-from nanoengine.attention.numba_cpu import decode_attention
+import nanoengine.attention.numba_cpu  # noqa: F401 (registers torch.ops.nanoengine.decode_attention)
 from nanoengine.attention.torch_paged import write_kv
 
 torch.set_num_threads(2)
 
-@torch.library.custom_op("probe::paged_decode", mutates_args=("k_cache", "v_cache"))
-def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    write_kv(k_cache, v_cache, k, v, slot_mapping)
-    return decode_attention(q.contiguous(), k_cache, v_cache, block_tables, seq_lens, scale)
 
-@paged_decode.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, scale):
+@torch.library.custom_op("probe::write_and_attend", mutates_args=("k_cache", "v_cache"))
+def write_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    write_kv(k_cache, v_cache, k, v, slots)
+    return torch.ops.nanoengine.decode_attention(q.contiguous(), k_cache, v_cache, tables, lens, scale)
+
+
+@write_and_attend.register_fake
+def _(q, k, v, k_cache, v_cache, slots, tables, lens, scale):
     return torch.empty_like(q)
+
 
 class Ctx:
     def __init__(self, kc, vc, slots, tables, lens):
         self.kc, self.vc, self.slots, self.tables, self.lens = kc, vc, slots, tables, lens
     def attend(self, layer_idx, q, k, v, scale, sliding_window=None):
-        return torch.ops.probe.paged_decode(q, k, v, self.kc[layer_idx], self.vc[layer_idx], self.slots, self.tables, self.lens, scale)
+        k_cache, v_cache = self.kc[layer_idx], self.vc[layer_idx]
+        if os.environ.get("WRITE_IN_OP"):
+            return write_and_attend(q, k, v, k_cache, v_cache, self.slots, self.tables, self.lens, scale)
+        write_kv(k_cache, v_cache, k, v, self.slots)
+        return torch.ops.nanoengine.decode_attention(q.contiguous(), k_cache, v_cache, self.tables, self.lens, scale)
 
 cfg = ModelConfig(model="smollm2-135m-instruct", dtype="float32", fast_path=False)
 loaded = load_model(cfg)

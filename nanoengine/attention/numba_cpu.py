@@ -99,6 +99,30 @@ def decode_attention(
     return torch.from_numpy(out).to(q.dtype)
 
 
+@torch.library.custom_op("nanoengine::decode_attention", mutates_args=())
+def decode_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """:func:`decode_attention` as a ``torch.library`` custom op
+    (``torch.ops.nanoengine.decode_attention``), for code that ``torch.compile`` traces: with
+    its fake implementation the compiler sees one opaque call of known output shape instead of
+    tracing into numba (lesson 17; ``docs/bench/n13d_compile_probe.py`` compiles SmolLM2's
+    module path around it). The engine calls :func:`decode_attention` itself: the op's
+    dispatch costs ~80 us a call on an AMD EPYC Zen 1, more than the kernel at small batches."""
+    return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+@decode_attention_op.register_fake
+def _decode_attention_shape(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """What the compiler needs to know of the op without running it: a new ``[B, Hq, D]``
+    tensor in q's dtype."""
+    return torch.empty_like(q)
+
+
 def warm_up(dtype: torch.dtype) -> None:
     """Compile the kernel for ``dtype``'s caches (or load it from numba's cache) by running it
     on one two-token sequence: the first decode step then runs at full speed."""
