@@ -633,3 +633,34 @@ def test_a_chat_template_given_to_the_server_replaces_the_tokenizers(zoo_paths):
 
     assert run_async(tokens(custom)) == tokenizer("<<The quick brown fox>>", add_special_tokens=False)["input_ids"]
     assert run_async(tokens(plain)) != run_async(tokens(custom))
+
+
+def _openai_fields(params_module: object) -> set[str]:
+    """Every field of an OpenAI create-request body, from the ``openai`` package's own types."""
+    fields = set()
+    for name in dir(params_module):
+        value = getattr(params_module, name)
+        if name.startswith("CompletionCreateParams") and isinstance(value, type):  # the TypedDicts, not their Union
+            fields |= set(value.__annotations__)
+    return fields
+
+
+@pytest.mark.parametrize("path, params_module, body", [
+    ("/v1/chat/completions", openai.types.chat.completion_create_params, {"messages": CHAT}),
+    ("/v1/completions", openai.types.completion_create_params, {"prompt": "The quick"}),
+])
+def test_every_openai_field_is_honoured_or_refused_by_name(server, path, params_module, body):
+    """No silent drops: each field of OpenAI's request schema is one the server acts on, or a
+    400 in OpenAI's error shape that names it (``tools``, ``response_format``, ``best_of``, ...
+    would otherwise give free text and no error). A field OpenAI does not have is refused too."""
+    from nanoengine.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    model = ChatCompletionRequest if path.endswith("chat/completions") else CompletionRequest
+    unsupported = sorted(_openai_fields(params_module) - set(model.model_fields))
+    assert "tools" in unsupported or "suffix" in unsupported  # the schema was read
+    for field in [*unsupported, "no_such_field"]:
+        response = server.http.post(path, json={"model": MODEL, "max_tokens": 2, **body, field: None}, headers=AUTH)
+        error = assert_error(response, 400)
+        assert error["param"] == field and f"{field}: this server does not support this field" in error["message"]
+    accepted = server.http.post(path, json={"model": MODEL, "max_tokens": 2, **body}, headers=AUTH)
+    assert accepted.status_code == 200, accepted.text

@@ -70,7 +70,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(p) for p in error.get("loc", ()) if p != "body"]
         where = ".".join(loc) or "body"
         first_param = first_param or (loc[0] if loc else None)
-        parts.append(f"{where}: {str(error.get('msg', 'invalid')).removeprefix('Value error, ')}")
+        if error.get("type") == "extra_forbidden":  # a field the server would not act on
+            parts.append(f"{where}: this server does not support this field (it would be ignored, so it is refused)")
+        else:
+            parts.append(f"{where}: {str(error.get('msg', 'invalid')).removeprefix('Value error, ')}")
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return "invalid request: " + "; ".join(parts) + more, first_param
 

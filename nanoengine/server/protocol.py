@@ -3,7 +3,10 @@
 Field names, types and defaults follow OpenAI's API plus vLLM's extras (``top_k``,
 ``min_p``, ``repetition_penalty``, ``ignore_eos``, ...), so any OpenAI client works
 unchanged. The models check *types* only (strictly: ``"2"`` is not a number, ``true`` is
-not an integer) and ignore unknown fields, as OpenAI does; the *values* are checked once,
+not an integer) and refuse every field they do not define (``tools``, ``response_format``,
+``best_of``, ``suffix``, a misspelled name, ...) with a 400 naming it: a field the server
+would not act on is never dropped silently (a client that asked for JSON or offered a tool
+would otherwise get free text and no error). The *values* are checked once,
 by :class:`SamplingParams` and the engine's prompt checks, so the server and the offline
 API refuse exactly the same things with the same messages.
 """
@@ -24,11 +27,11 @@ MAX_LOGPROBS = 20
 
 
 class _Body(BaseModel):
-    """Strict types, unknown fields ignored, no NaN or infinity (JSON has neither, but
+    """Strict types, unknown fields refused, no NaN or infinity (JSON has neither, but
     Python's parser accepts ``NaN``), no lone surrogates (JSON's ``"\\ud800"`` escape makes
     a string that is not Unicode, which a tokenizer cannot take)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
