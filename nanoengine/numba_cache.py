@@ -7,8 +7,9 @@ changed. So such a function names the files it depends on, and its cache entry i
 all of them: changing any one recompiles it. (Without a cache it recompiles in every
 process: ~10 s for SmolLM2's fused step on an AMD EPYC Zen 1, before the first token.)
 
-A specialization that calls a C kernel through ctypes holds that process's function address
-and is not cacheable; numba then says so in a warning and compiles it each time, as before.
+Code that calls a C kernel through ctypes would hold that process's function address, which
+numba refuses to cache; ``quant/native.py`` hands numba the C kernels by symbol name instead,
+so the fused step caches with them too.
 """
 
 from __future__ import annotations

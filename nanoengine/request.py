@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from collections.abc import Sequence
 
 from nanoengine.lora.request import LoRARequest
@@ -147,3 +148,45 @@ def child_params(params: SamplingParams, index: int) -> SamplingParams:
     """The params of sequence ``index`` of a parallel-sampling request."""
     seed = None if params.seed is None else (params.seed + index) % 2**64
     return dataclasses.replace(params, n=1, seed=seed, prompt_logprobs=None)  # the parent computed those
+
+
+def check_token_stop(request: Request, max_model_len: int) -> bool:
+    """Finish ``request`` if its newest token ends it; return True if it did.
+
+    Order as vLLM: nothing stops before ``min_tokens`` (EOS and stop tokens were masked out
+    of sampling until then), then EOS (unless ``ignore_eos``), stop token ids, and last the
+    length limits (``max_tokens``, and ``max_model_len`` for the whole sequence).
+    """
+    params, last = request.params, request.output_token_ids[-1]
+    num_output = len(request.output_token_ids)
+    if num_output >= params.min_tokens:
+        if not params.ignore_eos and last in request.eos_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            return True
+        if last in params.stop_token_ids:
+            request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, last
+            return True
+    if request.num_tokens >= request.max_total_tokens(max_model_len):
+        request.status = RequestStatus.FINISHED_LENGTH
+        return True
+    return False
+
+
+def append_token(request: Request, token: int, max_model_len: int) -> bool:
+    """Append a sampled token to ``request`` and finish it if the token ends it (EOS, a stop
+    token, a length limit); return True if it did. Only the request's owner calls this: the
+    scheduler in lesson 06's engine, the engine itself in lessons 01–04's loop. The output
+    processor reads the request and reports a stop string (:func:`stop_on_string`) instead
+    of writing it, so one place decides a request's state."""
+    request.output_token_ids.append(token)
+    request.first_token_time = request.first_token_time or time.monotonic()
+    if not check_token_stop(request, max_model_len):
+        return False
+    request.finished_time = time.monotonic()
+    return True
+
+
+def stop_on_string(request: Request, stop: str) -> None:
+    """Finish ``request`` on the stop string its text just completed (the owner's write)."""
+    request.stop_reason, request.status = stop, RequestStatus.FINISHED_STOPPED
+    request.finished_time = time.monotonic()

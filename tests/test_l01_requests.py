@@ -187,7 +187,7 @@ def test_the_output_processor_reads_the_request_and_never_writes_it(llm, tokens,
     import dataclasses
 
     from nanoengine.engine.output_processor import OutputProcessor
-    from nanoengine.engine.stop_checker import append_token
+    from nanoengine.request import append_token
     from nanoengine.request import Request
 
     tokenizer = llm.loaded.tokenizer

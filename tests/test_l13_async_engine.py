@@ -347,7 +347,7 @@ def test_delta_text_holds_back_what_may_start_a_stop_string(llm_for):
     keeps back its last character (it might begin the stop string), and the sequence ends
     with the text before the stop string, nothing of it ever sent."""
     from nanoengine.engine.output_processor import OutputProcessor
-    from nanoengine.engine.stop_checker import append_token, stop_on_string
+    from nanoengine.request import append_token, stop_on_string
     from nanoengine.request import Request
 
     tokenizer = llm_for(NAME).loaded.tokenizer

@@ -11,6 +11,7 @@ from nanoengine.request import Request, RequestStatus
 from nanoengine.sampling_params import SamplingParams
 from nanoengine.scheduler import Scheduler
 from nanoengine.scheduler.output import SchedulerOutput
+from nanoengine.scheduler.simulate import complete_step
 
 # (arrival step, prompt, max_tokens) of each request
 ARRIVALS = st.lists(st.tuples(st.integers(0, 12), st.lists(st.integers(0, 5), min_size=1, max_size=20),
@@ -41,11 +42,4 @@ def scheduler_traffic(
             scheduler.finish_request(scheduler.running[0].request_id, RequestStatus.FINISHED_ABORTED)
         plan = scheduler.schedule()
         yield plan
-        scheduler.update_after_step(plan)
-        for s in plan.scheduled:
-            request = scheduler.requests[s.request_id]
-            if s.sample:
-                request.output_token_ids.append(step % 7)
-                if len(request.output_token_ids) >= request.params.max_tokens:
-                    request.status = RequestStatus.FINISHED_LENGTH
-                    scheduler.finish_request(s.request_id)
+        complete_step(scheduler, plan, step % 7)

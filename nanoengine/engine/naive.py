@@ -20,12 +20,11 @@ from nanoengine.attention.torch_paged import PagedAttention, PagedKVCache
 from nanoengine.cache.kv_cache_manager import KVCacheManager
 from nanoengine.engine.inputs import Prompt, check_params_for_model, make_request
 from nanoengine.engine.output_processor import RequestState
-from nanoengine.engine.stop_checker import append_token, stop_on_string
 from nanoengine.lora.request import LoRARequest
 from nanoengine.model.llama import head_dim_of
 from nanoengine.model.loader import LoadedModel
 from nanoengine.outputs import RequestOutput
-from nanoengine.request import Request, RequestStatus
+from nanoengine.request import Request, RequestStatus, append_token, stop_on_string
 from nanoengine.sampling import SamplingRow, sample
 from nanoengine.sampling_params import SamplingParams
 

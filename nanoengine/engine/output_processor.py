@@ -90,7 +90,7 @@ class OutputProcessor:
         """Take the sequence's newest token, which its owner has just appended to the request
         (``ended``: the token ended it: EOS, a stop token or a length limit): its logprobs and
         its text. Returns the stop string the token completed, if any; the owner then ends the
-        sequence there (:func:`~nanoengine.engine.stop_checker.stop_on_string`). Nothing here
+        sequence there (:func:`~nanoengine.request.stop_on_string`). Nothing here
         writes the request."""
         request = self.request
         if self.logprobs is not None and logprobs is not None:

@@ -69,7 +69,7 @@ class PlanDelta:
 
 @dataclasses.dataclass(slots=True)
 class _Known:
-    """What the ranks hold of one request (on the driver: what was sent; on a rank: what came)."""
+    """What a rank holds of one request: all the driver sent of it so far."""
 
     prompt_token_ids: list[int]
     output_token_ids: list[int]

@@ -19,8 +19,7 @@ from __future__ import annotations
 import collections
 
 from nanoengine.cache.kv_cache_manager import KVCacheManager
-from nanoengine.engine import stop_checker
-from nanoengine.request import Request, RequestStatus
+from nanoengine.request import Request, RequestStatus, append_token, stop_on_string
 from nanoengine.scheduler.output import ScheduledRequest, SchedulerOutput
 from nanoengine.trace import Trace
 
@@ -295,11 +294,11 @@ class Scheduler:
         of its requests' state: the engine's output processing only reads them."""
         if self.max_model_len is None:
             raise ValueError("a scheduler that takes sampled tokens needs max_model_len, to know where a request ends")
-        return stop_checker.append_token(self.requests[request_id], token, self.max_model_len)
+        return append_token(self.requests[request_id], token, self.max_model_len)
 
     def stop_on_string(self, request_id: str, stop: str) -> None:
         """The request's text completed the stop string ``stop``: it ends there."""
-        stop_checker.stop_on_string(self.requests[request_id], stop)
+        stop_on_string(self.requests[request_id], stop)
 
     def finish_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_STOPPED) -> None:
         """Remove a finished or aborted request and free its blocks (a no-op if already gone)."""

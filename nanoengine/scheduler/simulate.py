@@ -15,6 +15,12 @@ from nanoengine.scheduler.scheduler import Scheduler
 def simulate_step(scheduler: Scheduler, token: int = 7) -> SchedulerOutput:
     """One engine step in which every sampled token is ``token``; returns the step's plan."""
     plan = scheduler.schedule()
+    complete_step(scheduler, plan, token)
+    return plan
+
+
+def complete_step(scheduler: Scheduler, plan: SchedulerOutput, token: int) -> None:
+    """What the engine does after ``plan`` ran, with the stand-in model's ``token`` sampled."""
     scheduler.update_after_step(plan)
     for s in plan.scheduled:
         if s.sample:
@@ -23,4 +29,3 @@ def simulate_step(scheduler: Scheduler, token: int = 7) -> SchedulerOutput:
             if len(request.output_token_ids) >= request.params.max_tokens:
                 request.status = RequestStatus.FINISHED_LENGTH
                 scheduler.finish_request(s.request_id)
-    return plan

@@ -110,11 +110,10 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up_decode(self, batch_sizes: list[int]) -> float:
         """Lesson 17: run a decode step (and its logits) at each batch size, before any request,
-        so that what compiles on first use compiles now, not inside a user's first token: the
-        fused decode step, which numba compiles at first call in each process (it is not cached
-        on disk: it calls the C kernels by their addresses in this process), and any kernel
-        still to load from numba's cache. Every dummy sequence writes its one token to slot 0,
-        which no request owns yet. Returns the seconds it took."""
+        so that what compiles or loads on first use does it now, not inside a user's first
+        token: the fused decode step (compiled, or loaded from numba's disk cache, at its first
+        call in each process) and the kernels it calls. Every dummy sequence writes its one
+        token to slot 0, which no request owns yet. Returns the seconds it took."""
         start = time.perf_counter()
         for size in batch_sizes:
             metadata = build_attention_metadata([[0]] * size, [0] * size, [1] * size, self.kv_cache.block_size,
